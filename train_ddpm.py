@@ -1,0 +1,472 @@
+#!/usr/bin/env python
+"""Train the 50-step MNIST DDPM with Accelerate.
+
+    python train_ddpm.py --dataset_name ylecun/mnist --output_dir ddpm-mnist            # one device or the CPU
+    accelerate launch --config_file accelerate_config.yaml train_ddpm.py --output_dir ddpm-mnist   # several GPUs
+
+The result is a `MNISTDiffusionPipeline` folder in `--output_dir` (EMA weights), loadable with
+`DiffusionPipeline.from_pretrained(output_dir, trust_remote_code=True)`.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from huggingface_hub import create_repo
+from tqdm.auto import tqdm
+
+from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
+from pipeline.data import load_images
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
+CHECKPOINT_CONFIG = "model_config.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options, named as in diffusers' `train_unconditional.py` where they overlap."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default="ylecun/mnist", help="Hub dataset id, or a local copy in its layout.")
+    data.add_argument("--dataset_config_name", default=None, help="The dataset's config, if it has several.")
+    data.add_argument("--train_data_dir", default=None, help="A folder of images (imagefolder); overrides the above.")
+    data.add_argument("--cache_dir", default=None, help="Where datasets caches downloads and decoded data.")
+    data.add_argument("--split", default="train", help="The dataset split to train on.")
+    data.add_argument("--image_column", default=None, help="Default: the first Image column.")
+    data.add_argument("--label_column", default=None, help="Default: the first ClassLabel column, if any.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N images only.")
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Convert images to grayscale and resize them to this size. Default: images must already be 28x28 L.",
+    )
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that decode the dataset.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model_config_name_or_path", default=None, help="A UNet2DModel config (json or folder); default: built in."
+    )
+    model.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default="ddpm-mnist", help="Where the pipeline, checkpoints and logs go.")
+    train.add_argument("--seed", type=int, default=0, help="Seeds the weights, the data order and the noise.")
+    train.add_argument("--train_batch_size", type=int, default=128, help="Batch size per device.")
+    train.add_argument("--eval_batch_size", type=int, default=64, help="Digits in each saved sample grid.")
+    train.add_argument("--num_epochs", type=int, default=20)
+    train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=200)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
+    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
+    train.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
+    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="Largest EMA decay.")
+    train.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: the accelerate config's choice. fp16 needs a GPU; bf16 also runs on recent CPUs.",
+    )
+
+    out = parser.add_argument_group("logging, checkpoints and the Hub")
+    out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
+    out.add_argument("--logging_dir", default="logs", help="TensorBoard logs, inside --output_dir.")
+    out.add_argument("--save_images_epochs", type=int, default=1, help="Save a sample grid every N epochs.")
+    out.add_argument("--save_model_epochs", type=int, default=5, help="Save the pipeline every N epochs.")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most N checkpoints.")
+    out.add_argument(
+        "--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" (starts fresh if none).'
+    )
+    out.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline to the Hub at the end.")
+    out.add_argument("--hub_model_id", default=None, help="Hub repository; default: the name of --output_dir.")
+    out.add_argument("--hub_token", default=None, help="Hub token; default: the one `hf auth login` stored.")
+    out.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+
+    for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                 "save_images_epochs", "save_model_epochs", "checkpointing_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.learning_rate <= 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}.")
+    return args
+
+
+def find_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint in `output_dir`, or None."""
+    steps = (
+        [int(m[1]) for d in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.fullmatch(d))]
+        if os.path.isdir(output_dir)
+        else []
+    )
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def comparable(config: dict) -> dict:
+    """A config as JSON would store it, without diffusers' private keys (version, class name, path)."""
+    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
+
+
+def check_same_config(saved: dict, current: dict, what: str) -> None:
+    """Refuse to mix a saved model with a differently configured one."""
+    saved, current = comparable(saved), comparable(current)
+    diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if diff:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in diff[:4])
+        raise ValueError(
+            f"{what} holds a differently configured model ({changes}). Train with the same "
+            "--model_config_name_or_path / --prediction_type, or use a new --output_dir."
+        )
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
+    """`accelerator.save_state` into a temporary folder that becomes `checkpoint-{step}` only once complete."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    partial = os.path.join(output_dir, f"partial-checkpoint-{step}")
+    if accelerator.is_main_process and os.path.exists(partial):
+        shutil.rmtree(partial)  # left by a run that died while saving
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()  # every process has written its part (each writes its own RNG state)
+    if accelerator.is_main_process:
+        for root, _, files in os.walk(partial):
+            for name in files:
+                with open(os.path.join(root, name), "rb+") as f:
+                    os.fsync(f.fileno())
+        if os.path.exists(final):  # resumed from an earlier checkpoint and reached this step again
+            shutil.rmtree(final)
+        os.replace(partial, final)  # atomic: `latest` never sees a half-written checkpoint
+        dir_fd = os.open(output_dir, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+        if total_limit is not None:
+            steps = sorted(int(m[1]) for d in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.fullmatch(d)))
+            for old in steps[:-total_limit]:
+                shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def seed_for(*keys: int) -> int:
+    """A well-mixed seed derived from integers, so every step's randomness is a pure function of (seed, step)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def ema_weights(model: torch.nn.Module, ema_model: EMAModel | None) -> Iterator[None]:
+    """Temporarily swap the EMA weights into `model` (no-op without EMA)."""
+    if ema_model is None:
+        yield
+        return
+    ema_model.store(model.parameters())
+    ema_model.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema_model.restore(model.parameters())
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train, checkpoint, and save the pipeline to `args.output_dir`."""
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.logger,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # The LR schedule counts optimizer steps, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+    )
+    device = accelerator.device
+    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
+        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
+    if accelerator.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("This GPU cannot do bf16; use --mixed_precision fp16 or no.")
+    set_seed(args.seed)
+    training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
+
+    # Model, and the checks that protect what is already in --output_dir, before any data is read.
+    model, noise_scheduler = create_model_and_scheduler(
+        args.resolution or 28, args.prediction_type, args.model_config_name_or_path
+    )
+    model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
+    for component in ("unet", "scheduler"):
+        saved = os.path.join(args.output_dir, component, "config.json")
+        if os.path.isfile(saved):
+            with open(saved) as f:
+                check_same_config(json.load(f), model_config[component], f"--output_dir {args.output_dir}")
+    resume_path = None
+    if args.resume_from_checkpoint == "latest":
+        resume_path = find_checkpoint(args.output_dir)
+        if resume_path is None:
+            accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
+    elif args.resume_from_checkpoint is not None:
+        resume_path = args.resume_from_checkpoint
+        if not os.path.isdir(resume_path) or not CHECKPOINT_PATTERN.fullmatch(os.path.basename(resume_path)):
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {resume_path!r} is not a checkpoint-N folder; "
+                "use 'latest' or one of the checkpoint-N folders in --output_dir."
+            )
+    elif find_checkpoint(args.output_dir):
+        raise ValueError(
+            f"--output_dir {args.output_dir} already holds {os.path.basename(find_checkpoint(args.output_dir))}. "
+            "Continue it with --resume_from_checkpoint latest, or train into a new --output_dir."
+        )
+    if resume_path is not None:
+        try:
+            with open(os.path.join(resume_path, CHECKPOINT_CONFIG)) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"Checkpoint {resume_path} is incomplete or corrupt ({e}).") from e
+        for component in ("unet", "scheduler"):
+            check_same_config(saved[component], model_config[component], f"Checkpoint {resume_path}")
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_repo(
+            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            exist_ok=True,
+            private=args.hub_private_repo,
+            token=args.hub_token,
+        ).repo_id
+
+    # Data: decoded once into a uint8 tensor on the device; batches are slices of a per-epoch permutation.
+    with accelerator.main_process_first():
+        images, _ = load_images(
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            args.split,
+            args.cache_dir,
+            args.image_column,
+            args.label_column,
+            args.max_train_samples,
+            args.resolution,
+            size=model.config.sample_size,
+            num_proc=args.dataloader_num_workers,
+        )
+    images = images.to(device)
+    micro_batches_per_step = args.gradient_accumulation_steps * accelerator.num_processes
+    global_batch_size = args.train_batch_size * micro_batches_per_step
+    steps_per_epoch = len(images) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"The dataset has {len(images)} images, fewer than one global batch of {global_batch_size} "
+            "(train_batch_size x gradient_accumulation_steps x processes). Lower --train_batch_size."
+        )
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=UNet2DModel,
+            model_config=model.config,
+            foreach=True,
+        )
+
+    # Checkpoints hold what `save_state` saves (weights, optimizer, LR schedule, RNG) plus the EMA weights
+    # (safetensors, the diffusers way) and the model config that resuming checks against.
+    def save_model_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            if ema_model is not None:
+                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            with open(os.path.join(output_dir, CHECKPOINT_CONFIG), "w") as f:
+                json.dump(model_config, f, indent=2, default=list)
+
+    def load_model_hook(models: list, input_dir: str) -> None:
+        if ema_model is not None:
+            ema_model.load_state_dict(
+                EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel).state_dict()
+            )
+            ema_model.to(device)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema_model is not None:
+        ema_model.to(device)
+
+    global_step = 0
+    if resume_path is not None:
+        try:
+            accelerator.load_state(resume_path)
+        except Exception as e:  # safetensors, torch.load and json errors alike mean the files are damaged
+            raise ValueError(
+                f"Checkpoint {resume_path} could not be loaded ({type(e).__name__}: {e}). It is corrupt or incomplete: "
+                "resume from an earlier checkpoint-N folder instead."
+            ) from e
+        global_step = int(CHECKPOINT_PATTERN.fullmatch(os.path.basename(resume_path))[1])
+        accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
+
+    if accelerator.is_main_process:
+        # Trackers take scalars and strings only.
+        hparams = {k: v for k, v in training_args.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("train_ddpm", config=hparams)
+        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    logger.info(
+        f"{len(images)} images, {accelerator.num_processes} process(es), global batch {global_batch_size}, "
+        f"{steps_per_epoch} steps per epoch, {max_train_steps} steps ({num_epochs} epochs)",
+        main_process_only=True,
+    )
+
+    unwrapped = accelerator.unwrap_model(model)
+
+    def publish(epochs_done: int, save_images: bool, save_model: bool, push: bool = False) -> None:
+        """Save a sample grid (also to the trackers), the pipeline, and push it; EMA weights, main process only."""
+        pipeline = MNISTDiffusionPipeline(unet=unwrapped, scheduler=noise_scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        with ema_weights(unwrapped, ema_model):
+            unwrapped.eval()
+            if save_images:
+                digits = pipeline(
+                    batch_size=args.eval_batch_size, generator=torch.Generator().manual_seed(0), output_type="np"
+                ).images
+                digits = (digits[..., 0] * 255).round().astype(np.uint8)
+                image_grid(digits).save(os.path.join(args.output_dir, "samples", f"epoch_{epochs_done:04d}.png"))
+                for tracker in accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.writer.add_images("samples", digits[:, None], epochs_done, dataformats="NCHW")
+                    elif tracker.name == "wandb":
+                        import wandb
+
+                        tracker.log({"samples": [wandb.Image(d) for d in digits]}, step=global_step)
+            if save_model:
+                pipeline.save_pretrained(args.output_dir, training_args=training_args)
+            if push:
+                pipeline.push_to_hub(
+                    repo_id, training_args=training_args, token=args.hub_token, commit_message="End of training"
+                )
+            unwrapped.train()
+
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    progress_bar = tqdm(
+        total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    permutation, permutation_epoch = None, None
+    model.train()
+    while global_step < max_train_steps:
+        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+        if permutation_epoch != epoch:
+            # The data order depends on (seed, epoch) alone, so a resumed run sees the same batches.
+            generator = torch.Generator().manual_seed(seed_for(args.seed, 0, epoch))
+            permutation = torch.randperm(len(images), generator=generator).to(device)
+            permutation_epoch = epoch
+
+        step_loss = torch.zeros((), device=device)
+        for micro_step in range(args.gradient_accumulation_steps):
+            start = ((step_in_epoch * args.gradient_accumulation_steps + micro_step) * accelerator.num_processes
+                     + accelerator.process_index) * args.train_batch_size  # fmt: skip
+            clean_images = images[permutation[start : start + args.train_batch_size]].float() / 127.5 - 1
+            # Noise and timesteps depend on (seed, step, micro-batch, process) alone: resuming is exact.
+            generator = torch.Generator(device).manual_seed(
+                seed_for(args.seed, 1, global_step, micro_step, accelerator.process_index)
+            )
+            noise = torch.randn(clean_images.shape, generator=generator, device=device)
+            timesteps = torch.randint(0, num_train_timesteps, (len(clean_images),), generator=generator, device=device)
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+            if args.prediction_type == "epsilon":
+                target = noise
+            elif args.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
+            else:
+                target = clean_images
+
+            with accelerator.accumulate(model):
+                model_output = model(noisy_images, timesteps).sample
+                loss = F.mse_loss(model_output.float(), target)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / args.gradient_accumulation_steps
+
+        lr_scheduler.step()
+        if ema_model is not None:
+            ema_model.step(model.parameters())
+        global_step += 1
+        progress_bar.update(1)
+        logs = {"loss": accelerator.reduce(step_loss, reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+        if ema_model is not None:
+            logs["ema_decay"] = ema_model.cur_decay_value
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0:
+            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            logger.info(f"Saved {path}", main_process_only=True)
+
+        if global_step % steps_per_epoch == 0 and global_step < max_train_steps:
+            epochs_done = global_step // steps_per_epoch
+            save_images, save_model = (
+                epochs_done % args.save_images_epochs == 0,
+                epochs_done % args.save_model_epochs == 0,
+            )
+            if accelerator.is_main_process and (save_images or save_model):
+                publish(epochs_done, save_images, save_model)
+            accelerator.wait_for_everyone()
+
+    progress_bar.close()
+    if accelerator.is_main_process:
+        publish(math.ceil(global_step / steps_per_epoch), save_images=True, save_model=True, push=args.push_to_hub)
+    accelerator.end_training()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Entry point: bad input ends with one line naming the problem, not a traceback."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train_ddpm.py: error: {e}")
+
+
+if __name__ == "__main__":
+    cli()
