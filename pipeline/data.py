@@ -46,6 +46,8 @@ def _open_dataset(
             f"Could not load dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}). Check the name, or "
             "without network access point --dataset_name at a local copy in the Hub's layout."
         ) from e
+    except ValueError as e:  # e.g. 'Instruction "train" corresponds to no data!' for an empty dataset
+        raise ValueError(f"Could not load dataset {name!r}: {e}") from e
     if split not in dataset:
         raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(dataset)}. Use --split.")
     return dataset[split]
@@ -83,8 +85,6 @@ def load_images(
         raise ValueError(f"Dataset {name!r} has no column {label_column!r}; its columns are {list(dataset.features)}.")
     if max_train_samples is not None:
         dataset = dataset.select(range(min(max_train_samples, len(dataset))))
-    if len(dataset) == 0:
-        raise ValueError(f"Dataset {name!r} split {split!r} is empty.")
     if resolution is not None and resolution != size:
         raise ValueError(f"--resolution {resolution} differs from the model's sample_size {size}.")
 
@@ -107,24 +107,19 @@ def load_images(
         return {"pixels": pixels}
 
     # Decode ourselves, so that a broken row is reported by its index instead of failing deep inside datasets.
-    dataset = (
-        dataset.cast_column(image_column, datasets.Image(decode=False))
-        .map(
-            decode,
-            batched=True,
-            with_indices=True,
-            num_proc=num_proc or None,
-            remove_columns=[c for c in dataset.column_names if c != label_column],
-            features=datasets.Features(
-                {
-                    "pixels": datasets.Array2D((size, size), "uint8"),
-                    **({label_column: dataset.features[label_column]} if label_column else {}),
-                }
-            ),
-            desc="Decoding images",
-        )
-        .with_format("torch")
+    features = {"pixels": datasets.Array2D((size, size), "uint8")}
+    if label_column:
+        features[label_column] = dataset.features[label_column]
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False)).map(
+        decode,
+        batched=True,
+        with_indices=True,
+        num_proc=num_proc or None,
+        remove_columns=[c for c in dataset.column_names if c != label_column],
+        features=datasets.Features(features),
+        desc="Decoding images",
     )
-    images = dataset["pixels"][:].unsqueeze(1).contiguous()
-    labels = dataset[label_column][:].long() if label_column else None
+    # datasets' numpy formatter widens integers to int64 unless told the dtype: 8x the memory.
+    images = torch.from_numpy(dataset.with_format("numpy", dtype=np.uint8)["pixels"][:]).unsqueeze(1).contiguous()
+    labels = torch.from_numpy(dataset.with_format("numpy")[label_column][:]) if label_column else None
     return images, labels

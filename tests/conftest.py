@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny MNIST look-alike in the Hub's parquet layout, a tiny UNet config, a tiny pipeline."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may wait on the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import io  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import UNet2DModel  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+
+from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_UNET = {
+    "sample_size": 28,
+    "in_channels": 1,
+    "out_channels": 1,
+    "layers_per_block": 1,
+    "block_out_channels": [8, 16, 16],
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+}
+
+
+def draw_digits(n: int, seed: int, size: int = 28, mode: str = "L") -> tuple[list[Image.Image], list[int]]:
+    """White-on-black digits drawn with a font at random offsets: MNIST-like enough for shape and pipeline tests."""
+    rng = np.random.default_rng(seed)
+    font = ImageFont.load_default(size=int(size * 0.8))
+    images, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(10))
+        image = Image.new("L", (size, size))
+        center = (size / 2 + rng.integers(-2, 3), size / 2 + rng.integers(-2, 3))
+        ImageDraw.Draw(image).text(center, str(label), fill=255, font=font, anchor="mm")
+        images.append(image.convert(mode))
+        labels.append(label)
+    return images, labels
+
+
+def write_hub_dataset(folder: Path, splits: dict[str, tuple[list, list]]) -> Path:
+    """Write splits as `<split>-00000-of-00001.parquet` with the Hub MNIST schema (Image + ClassLabel)."""
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, (images, labels) in splits.items():
+        rows = {"image": [], "label": labels}
+        for image in images:
+            if isinstance(image, bytes):
+                rows["image"].append({"bytes": image, "path": None})
+            else:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                rows["image"].append({"bytes": buffer.getvalue(), "path": None})
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(folder / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """128 train and 32 test digits in the layout of `ylecun/mnist`."""
+    folder = tmp_path_factory.mktemp("mnist")
+    return write_hub_dataset(folder, {"train": draw_digits(128, seed=0), "test": draw_digits(32, seed=1)})
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_config(tmp_path_factory) -> Path:
+    """A folder holding a ~60k-parameter UNet2DModel config for fast training tests."""
+    folder = tmp_path_factory.mktemp("tiny_unet")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", **TINY_UNET}))
+    return folder
+
+
+@pytest.fixture
+def tiny_pipeline() -> MNISTDiffusionPipeline:
+    """An untrained tiny pipeline with fixed weights, progress bar off."""
+    torch.manual_seed(0)
+    _, scheduler = create_model_and_scheduler()
+    pipe = MNISTDiffusionPipeline(unet=UNet2DModel(**TINY_UNET), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_python(code: str, cwd: Path, block_package: bool = False) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter; with `block_package`, `import pipeline` fails there as if not installed."""
+    prelude = "import sys; sys.modules['pipeline'] = None\n" if block_package else ""
+    result = subprocess.run([sys.executable, "-c", prelude + code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -1,0 +1,205 @@
+"""The model factory, the noise schedule and MNISTDiffusionPipeline: sampling, saving, loading, pushing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_UNET, run_python
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from PIL import Image
+
+from pipeline import MNISTDiffusionPipeline, check_unet_config, create_model_and_scheduler, image_grid
+
+
+def test_default_model_and_schedule():
+    unet, scheduler = create_model_and_scheduler()
+    assert unet.config.sample_size == 28 and unet.config.in_channels == unet.config.out_channels == 1
+    assert len(unet.config.block_out_channels) == 3  # 28 -> 14 -> 7
+    assert 1.5e6 <= sum(p.numel() for p in unet.parameters()) <= 5e6
+    assert scheduler.config.num_train_timesteps == 50
+    # Step 50 is pure noise: almost nothing of the digit is left.
+    assert scheduler.alphas_cumprod[-1] < 1e-3
+    # A forward pass keeps the shape.
+    out = unet(torch.zeros(2, 1, 28, 28), torch.tensor([0, 49])).sample
+    assert out.shape == (2, 1, 28, 28)
+
+
+def test_four_levels_at_28_is_a_clear_error(tmp_path):
+    config = dict(TINY_UNET, block_out_channels=[8, 16, 16, 16])
+    config["down_block_types"] = ["DownBlock2D"] * 4
+    config["up_block_types"] = ["UpBlock2D"] * 4
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"4 resolution levels cannot run at 28x28 \(28 -> 14 -> 7 -> 3.5\).*at most 3"):
+        create_model_and_scheduler(model_config_name_or_path=tmp_path)
+    # The pipeline checks too, before any step runs.
+    _, scheduler = create_model_and_scheduler()
+    pipe = MNISTDiffusionPipeline(UNet2DModel(**config), scheduler)
+    with pytest.raises(ValueError, match="resolution levels"):
+        pipe(batch_size=1)
+    check_unet_config(UNet2DModel(**dict(config, sample_size=32)).config)  # 32 -> 16 -> 8 -> 4 is fine
+
+
+def test_rgb_model_config_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY_UNET, in_channels=3, out_channels=3)))
+    with pytest.raises(ValueError, match="MNIST digits need 1 and 1"):
+        create_model_and_scheduler(model_config_name_or_path=tmp_path)
+
+
+def test_output_types_and_determinism(tiny_pipeline):
+    images = tiny_pipeline(batch_size=3, generator=torch.manual_seed(0)).images
+    assert len(images) == 3 and all(isinstance(i, Image.Image) and i.mode == "L" and i.size == (28, 28) for i in images)
+    array = tiny_pipeline(batch_size=3, generator=torch.manual_seed(0), output_type="np").images
+    assert array.shape == (3, 28, 28, 1) and array.min() >= 0 and array.max() <= 1
+    np.testing.assert_array_equal(np.asarray(images[1]), (array[1, ..., 0] * 255).round().astype(np.uint8))
+    tensor = tiny_pipeline(batch_size=3, generator=torch.manual_seed(0), output_type="pt").images
+    assert tensor.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(tensor[:, 0], torch.from_numpy(array[..., 0]))
+    other = tiny_pipeline(batch_size=3, generator=torch.manual_seed(1), output_type="np").images
+    assert np.abs(other - array).max() > 0.01
+    (first,) = tiny_pipeline(batch_size=1, generator=torch.manual_seed(0), output_type="np", return_dict=False)
+    assert first.shape == (1, 28, 28, 1)
+
+
+def test_steps_default_to_training_steps_and_cannot_exceed_them(tiny_pipeline):
+    seen = []
+    tiny_pipeline(batch_size=1, callback_on_step_end=lambda pipe, i, t, kw: seen.append(int(t)))
+    assert seen == list(range(49, -1, -1))
+    with pytest.raises(ValueError, match="between 1 and 50"):
+        tiny_pipeline(num_inference_steps=1000)
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny_pipeline(batch_size=0)
+    with pytest.raises(ValueError, match="output_type"):
+        tiny_pipeline(output_type="numpy")
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        tiny_pipeline(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_intermediate_steps_end_at_the_returned_images(tiny_pipeline):
+    frames = []
+    out = tiny_pipeline(
+        batch_size=2,
+        generator=torch.manual_seed(3),
+        output_type="pt",
+        callback_on_step_end=lambda pipe, i, t, kw: frames.append(kw["image"].clone()),
+    ).images
+    assert len(frames) == 50
+    torch.testing.assert_close((frames[-1] / 2 + 0.5).clamp(0, 1), out)
+
+
+def test_other_schedulers_swap_in(tiny_pipeline):
+    tiny_pipeline.scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config)
+    steps = []
+    images = tiny_pipeline(
+        batch_size=2, num_inference_steps=10, output_type="np", callback_on_step_end=lambda p, i, t, kw: steps.append(t)
+    ).images
+    assert images.shape == (2, 28, 28, 1) and len(steps) == 10
+
+
+def test_image_grid_is_nearest_neighbour():
+    digits = np.zeros((3, 28, 28), dtype=np.uint8)
+    digits[1, 0, 0] = 255
+    grid = image_grid(digits, nrow=2, scale=3, pad=2)
+    assert grid.mode == "L" and grid.size == ((2 * 30 + 2) * 3, (2 * 30 + 2) * 3)
+    pixels = np.asarray(grid)
+    # The one white pixel of digit 1 becomes a sharp 3x3 block: no interpolated grey.
+    assert set(np.unique(pixels)) == {0, 255} and (pixels == 255).sum() == 9
+
+
+def test_save_pretrained_writes_a_complete_folder(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path, training_args={"learning_rate": 0.001, "hub_token": "hf_s3cr3t"})
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"model_index.json", "unet", "scheduler", "pipeline_mnist_diffusion.py", "README.md", "samples.png"} <= names
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_mnist_diffusion", "MNISTDiffusionPipeline"]
+    # The saved configs are complete: reloading never depends on the code's current defaults.
+    unet_config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    assert {"block_out_channels", "down_block_types", "up_block_types", "layers_per_block", "norm_num_groups"} <= set(
+        unet_config
+    )
+    scheduler_config = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler_config["num_train_timesteps"] == 50 and scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: diffusers" in card and "- unconditional-image-generation" in card and "- mnist" in card
+    assert "samples.png" in card and "learning_rate" in card
+    assert "hf_s3cr3t" not in "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_reload_three_ways_in_fresh_processes(tiny_pipeline, tmp_path):
+    folder = tmp_path / "pipe"
+    tiny_pipeline.save_pretrained(folder)
+    expected = tiny_pipeline(batch_size=2, generator=torch.manual_seed(0), output_type="np").images
+    np.save(tmp_path / "expected.npy", expected)
+    sample = (
+        "import numpy as np, torch\n"
+        "images = pipe(batch_size=2, generator=torch.manual_seed(0), output_type='np').images\n"
+        f"np.testing.assert_allclose(images, np.load(r'{tmp_path / 'expected.npy'}'), atol=1e-4)\n"
+    )
+    # 1. Through the package's own class: no code from the folder runs.
+    run_python(
+        "from pipeline import MNISTDiffusionPipeline\n"
+        f"pipe = MNISTDiffusionPipeline.from_pretrained(r'{folder}')\n"
+        "assert type(pipe) is MNISTDiffusionPipeline\n" + sample,
+        cwd=tmp_path,
+    )
+    # 2. Through diffusers alone, where this package cannot be imported: the folder's module file defines the class.
+    run_python(
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained(r'{folder}', trust_remote_code=True)\n"
+        "assert type(pipe).__name__ == 'MNISTDiffusionPipeline', type(pipe)\n" + sample,
+        cwd=tmp_path,
+        block_package=True,
+    )
+    # 3. Each component alone.
+    run_python(
+        "import torch\n"
+        "from diffusers import DDPMScheduler, UNet2DModel\n"
+        f"unet = UNet2DModel.from_pretrained(r'{folder}', subfolder='unet')\n"
+        f"scheduler = DDPMScheduler.from_pretrained(r'{folder}', subfolder='scheduler')\n"
+        "assert scheduler.alphas_cumprod[-1] < 1e-3 and unet.config.sample_size == 28\n"
+        "assert unet(torch.zeros(1, 1, 28, 28), 10).sample.shape == (1, 1, 28, 28)\n",
+        cwd=tmp_path,
+        block_package=True,
+    )
+
+
+def test_remote_code_needs_explicit_trust(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_push_to_hub_uploads_the_saved_folder_and_card(tiny_pipeline, monkeypatch):
+    calls = {}
+
+    class Repo:
+        repo_id = "someone/ddpm-mnist"
+
+    def fake_create_repo(repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return Repo()
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        calls["upload"] = (repo_id, kwargs)
+        calls["files"] = {p.relative_to(folder_path).as_posix() for p in __import__("pathlib").Path(folder_path).rglob("*")}
+        calls["card"] = open(f"{folder_path}/README.md").read()
+        return "https://huggingface.co/someone/ddpm-mnist/commit/1"
+
+    monkeypatch.setattr("pipeline.pipeline_mnist_diffusion.create_repo", fake_create_repo)
+    monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", fake_upload_folder)
+    url = tiny_pipeline.push_to_hub("ddpm-mnist", private=True, token="hf_SECRET", training_args={"seed": 0})
+    assert url.endswith("/commit/1")
+    assert calls["create_repo"] == ("ddpm-mnist", {"private": True, "token": "hf_SECRET", "exist_ok": True})
+    assert calls["upload"][0] == "someone/ddpm-mnist" and calls["upload"][1]["token"] == "hf_SECRET"
+    assert {
+        "model_index.json",
+        "pipeline_mnist_diffusion.py",
+        "README.md",
+        "samples.png",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    } <= calls["files"]
+    assert "library_name: diffusers" in calls["card"] and "| seed | `0` |" in calls["card"]
+    assert "hf_SECRET" not in calls["card"]
