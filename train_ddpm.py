@@ -11,6 +11,7 @@ The result is a `MNISTDiffusionPipeline` folder in `--output_dir` (EMA weights),
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +19,8 @@ import shutil
 import sys
 from collections.abc import Iterator
 
+import datasets
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -215,6 +218,10 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
     if accelerator.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("This GPU cannot do bf16; use --mixed_precision fp16 or no.")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:  # one copy of each library warning is enough
+        datasets.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
     training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
 
@@ -223,8 +230,8 @@ def main(args: argparse.Namespace) -> None:
         args.resolution or 28, args.prediction_type, args.model_config_name_or_path
     )
     model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
-    for component in ("unet", "scheduler"):
-        saved = os.path.join(args.output_dir, component, "config.json")
+    for component, file in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
+        saved = os.path.join(args.output_dir, component, file)
         if os.path.isfile(saved):
             with open(saved) as f:
                 check_same_config(json.load(f), model_config[component], f"--output_dir {args.output_dir}")
@@ -456,6 +463,7 @@ def main(args: argparse.Namespace) -> None:
     progress_bar.close()
     if accelerator.is_main_process:
         publish(math.ceil(global_step / steps_per_epoch), save_images=True, save_model=True, push=args.push_to_hub)
+        accelerator.print(f"Saved the pipeline to {args.output_dir} after {global_step} steps.")
     accelerator.end_training()
 
 

@@ -51,7 +51,9 @@ def draw_digits(n: int, seed: int, size: int = 28, mode: str = "L") -> tuple[lis
 
 def write_hub_dataset(folder: Path, splits: dict[str, tuple[list, list]]) -> Path:
     """Write splits as `<split>-00000-of-00001.parquet` with the Hub MNIST schema (Image + ClassLabel)."""
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
     folder.mkdir(parents=True, exist_ok=True)
     for split, (images, labels) in splits.items():
         rows = {"image": [], "label": labels}
@@ -94,6 +96,8 @@ def tiny_pipeline() -> MNISTDiffusionPipeline:
 def run_python(code: str, cwd: Path, block_package: bool = False) -> subprocess.CompletedProcess:
     """Run code in a fresh interpreter; with `block_package`, `import pipeline` fails there as if not installed."""
     prelude = "import sys; sys.modules['pipeline'] = None\n" if block_package else ""
-    result = subprocess.run([sys.executable, "-c", prelude + code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + code], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result

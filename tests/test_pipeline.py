@@ -1,6 +1,7 @@
 """The model factory, the noise schedule and MNISTDiffusionPipeline: sampling, saving, loading, pushing."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +31,9 @@ def test_four_levels_at_28_is_a_clear_error(tmp_path):
     config["down_block_types"] = ["DownBlock2D"] * 4
     config["up_block_types"] = ["UpBlock2D"] * 4
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"4 resolution levels cannot run at 28x28 \(28 -> 14 -> 7 -> 3.5\).*at most 3"):
+    with pytest.raises(
+        ValueError, match=r"4 resolution levels cannot run at 28x28 \(28 -> 14 -> 7 -> 3.5\).*at most 3"
+    ):
         create_model_and_scheduler(model_config_name_or_path=tmp_path)
     # The pipeline checks too, before any step runs.
     _, scheduler = create_model_and_scheduler()
@@ -48,7 +51,9 @@ def test_rgb_model_config_is_rejected(tmp_path):
 
 def test_output_types_and_determinism(tiny_pipeline):
     images = tiny_pipeline(batch_size=3, generator=torch.manual_seed(0)).images
-    assert len(images) == 3 and all(isinstance(i, Image.Image) and i.mode == "L" and i.size == (28, 28) for i in images)
+    assert len(images) == 3 and all(
+        isinstance(i, Image.Image) and i.mode == "L" and i.size == (28, 28) for i in images
+    )
     array = tiny_pipeline(batch_size=3, generator=torch.manual_seed(0), output_type="np").images
     assert array.shape == (3, 28, 28, 1) and array.min() >= 0 and array.max() <= 1
     np.testing.assert_array_equal(np.asarray(images[1]), (array[1, ..., 0] * 255).round().astype(np.uint8))
@@ -91,7 +96,10 @@ def test_other_schedulers_swap_in(tiny_pipeline):
     tiny_pipeline.scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config)
     steps = []
     images = tiny_pipeline(
-        batch_size=2, num_inference_steps=10, output_type="np", callback_on_step_end=lambda p, i, t, kw: steps.append(t)
+        batch_size=2,
+        num_inference_steps=10,
+        output_type="np",
+        callback_on_step_end=lambda p, i, t, kw: steps.append(t),
     ).images
     assert images.shape == (2, 28, 28, 1) and len(steps) == 10
 
@@ -109,7 +117,14 @@ def test_image_grid_is_nearest_neighbour():
 def test_save_pretrained_writes_a_complete_folder(tiny_pipeline, tmp_path):
     tiny_pipeline.save_pretrained(tmp_path, training_args={"learning_rate": 0.001, "hub_token": "hf_s3cr3t"})
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"model_index.json", "unet", "scheduler", "pipeline_mnist_diffusion.py", "README.md", "samples.png"} <= names
+    assert {
+        "model_index.json",
+        "unet",
+        "scheduler",
+        "pipeline_mnist_diffusion.py",
+        "README.md",
+        "samples.png",
+    } <= names
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not list(tmp_path.rglob("*.bin")) and not list(tmp_path.rglob("*.pt"))
     index = json.loads((tmp_path / "model_index.json").read_text())
@@ -183,7 +198,7 @@ def test_push_to_hub_uploads_the_saved_folder_and_card(tiny_pipeline, monkeypatc
 
     def fake_upload_folder(repo_id, folder_path, **kwargs):
         calls["upload"] = (repo_id, kwargs)
-        calls["files"] = {p.relative_to(folder_path).as_posix() for p in __import__("pathlib").Path(folder_path).rglob("*")}
+        calls["files"] = {p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*")}
         calls["card"] = open(f"{folder_path}/README.md").read()
         return "https://huggingface.co/someone/ddpm-mnist/commit/1"
 

@@ -1,0 +1,215 @@
+"""train_ddpm.py end to end: training, saving, exact resume, two processes, the Hub, and bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import ROOT, run_python
+from safetensors.torch import load_file
+
+import train_ddpm
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its Accelerator from scratch."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def base_args(mnist_dir: Path, tiny_unet_config: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Flags for a seconds-long run on the tiny dataset and model."""
+    return [
+        "--dataset_name", str(mnist_dir),
+        "--model_config_name_or_path", str(tiny_unet_config),
+        "--output_dir", str(output_dir),
+        "--train_batch_size", "16",
+        "--eval_batch_size", "4",
+        "--lr_warmup_steps", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def train(*argv: str) -> None:
+    """Run train_ddpm in this process, as `python train_ddpm.py ARGV` would."""
+    train_ddpm.main(train_ddpm.parse_args(list(argv)))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a state dict."""
+    return load_file(str(path))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors (CPU, tolerance 1e-5)."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_train_save_and_sample_in_a_fresh_process(mnist_dir, tiny_unet_config, tmp_path):
+    out = tmp_path / "run"
+    # 128 images / batch 16 = 8 steps per epoch; 2 epochs; "latest" with no checkpoint yet starts fresh.
+    cmd = [sys.executable, str(ROOT / "train_ddpm.py"), *base_args(mnist_dir, tiny_unet_config, out)]
+    cmd += ["--num_epochs", "2", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2"]
+    cmd += ["--resume_from_checkpoint", "latest"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting a new training run" in result.stdout
+    assert f"Saved the pipeline to {out} after 16 steps." in result.stdout
+    # Checkpoints at 3, 6, 9, 12, 15, pruned to the newest two; no partial folders left.
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-12", "checkpoint-15"]
+    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "unet_ema", "model_config.json"} <= {
+        p.name for p in (out / "checkpoint-15").iterdir()
+    }
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    # The saved pipeline holds the EMA weights, not the raw ones.
+    final = weights(out / "unet" / "diffusion_pytorch_model.safetensors")
+    ema = weights(out / "checkpoint-15" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    raw = weights(out / "checkpoint-15" / "model.safetensors")
+    key = "conv_in.weight"
+    assert not torch.equal(final[key], raw[key]) and not torch.equal(ema[key], raw[key])
+    # A fresh interpreter loads the folder through diffusers alone and samples.
+    run_python(
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained(r'{out}', trust_remote_code=True)\n"
+        "images = pipe(batch_size=2, generator=torch.manual_seed(0)).images\n"
+        "assert [(i.mode, i.size) for i in images] == [('L', (28, 28))] * 2\n",
+        cwd=tmp_path,
+        block_package=True,
+    )
+
+
+def test_resume_mid_epoch_gives_the_same_weights(mnist_dir, tiny_unet_config, tmp_path):
+    # 8 steps per epoch; the checkpoint at step 6 is mid-epoch; 12 steps in all.
+    flags = ["--max_train_steps", "12", "--checkpointing_steps", "6", "--save_images_epochs", "100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*base_args(mnist_dir, tiny_unet_config, straight, *flags))
+    train(*base_args(mnist_dir, tiny_unet_config, resumed, *flags))
+
+    def roll_back_to_step_6() -> None:
+        """Leave the second run as if it had died just after saving checkpoint-6."""
+        shutil.rmtree(resumed / "checkpoint-12")
+        shutil.rmtree(resumed / "unet")
+        (resumed / "model_index.json").unlink()
+
+    final = ["checkpoint-12/model.safetensors", "checkpoint-12/unet_ema/diffusion_pytorch_model.safetensors"]
+    final.append("unet/diffusion_pytorch_model.safetensors")
+    for resume_from in ("latest", str(resumed / "checkpoint-6")):
+        roll_back_to_step_6()
+        train(*base_args(mnist_dir, tiny_unet_config, resumed, *flags, "--resume_from_checkpoint", resume_from))
+        for name in final:
+            assert_same_weights(straight / name, resumed / name)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_prediction_types_train_and_sample(mnist_dir, tiny_unet_config, tmp_path, prediction_type):
+    from pipeline import MNISTDiffusionPipeline
+
+    train(
+        *base_args(
+            mnist_dir, tiny_unet_config, tmp_path, "--max_train_steps", "2", "--prediction_type", prediction_type
+        )
+    )
+    pipe = MNISTDiffusionPipeline.from_pretrained(tmp_path)
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    images = pipe(batch_size=2, num_inference_steps=5, output_type="np").images
+    assert images.shape == (2, 28, 28, 1) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_two_cpu_processes_train_and_save_once(mnist_dir, tiny_unet_config, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(ROOT / "train_ddpm.py"), *base_args(mnist_dir, tiny_unet_config, out)]
+    cmd += ["--num_epochs", "2", "--checkpointing_steps", "4"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Global batch 2 x 16 = 32: 4 steps per epoch, 8 in all, counted once.
+    assert result.stdout.count("Saved the pipeline to") == 1
+    assert "after 8 steps" in result.stdout
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-8"]
+    # Both processes wrote their RNG state into the same, complete checkpoint; only one wrote logs.
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (out / "checkpoint-8").iterdir()}
+    writers = {p.name.split(".")[-2] for p in (out / "logs").rglob("events.out.tfevents.*")}  # ...<host>.<pid>.<n>
+    assert len(writers) == 1
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
+    calls = []
+
+    class Repo:
+        repo_id = "someone/tiny-mnist"
+
+    def fake_create_repo(repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs.get("private")))
+        return Repo()
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(train_ddpm, "create_repo", fake_create_repo)
+    monkeypatch.setattr("pipeline.pipeline_mnist_diffusion.create_repo", fake_create_repo)
+    monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", fake_upload_folder)
+    token = "hf_tok3n_n3v3r_wr1773n"
+    train(
+        *base_args(mnist_dir, tiny_unet_config, tmp_path, "--max_train_steps", "3", "--checkpointing_steps", "2"),
+        *("--push_to_hub", "--hub_model_id", "tiny-mnist", "--hub_private_repo", "--hub_token", token),
+    )
+    assert calls[0] == ("create_repo", "tiny-mnist", True)  # before training, so a bad login fails early
+    assert calls[-1][0:2] == ("upload", "someone/tiny-mnist")
+    assert {"README.md", "model_index.json", "pipeline_mnist_diffusion.py", "samples.png", "unet"} <= set(calls[-1][2])
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), path
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run the command line, expect it to fail, and return its one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_ddpm.cli(list(argv))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    message = str(exit_info.value.code) if exit_info.value.code not in (None, 2) else capsys.readouterr().err
+    assert "Traceback" not in message
+    return message
+
+
+def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path, capsys):
+    args = lambda out, *extra: base_args(mnist_dir, tiny_unet_config, tmp_path / out, *extra)  # noqa: E731
+    assert "no such folder" in cli_error(capsys, "--dataset_name", str(tmp_path / "no" / "mnist"))
+    assert "--train_batch_size must be at least 1" in cli_error(capsys, *args("a", "--train_batch_size", "0"))
+    assert "invalid choice" in cli_error(capsys, *args("a", "--mixed_precision", "fp8"))
+    assert "unrecognized arguments: --learning-rate" in cli_error(capsys, *args("a", "--learning-rate", "1"))
+    assert "fp16 needs a GPU" in cli_error(capsys, *args("a", "--mixed_precision", "fp16"))
+    assert "fewer than one global batch" in cli_error(capsys, *args("a", "--train_batch_size", "512"))
+    missing = cli_error(capsys, *args("a", "--resume_from_checkpoint", str(tmp_path / "checkpoint-7")))
+    assert "is not a checkpoint-N folder" in missing
+    assert not (tmp_path / "a").exists()  # nothing was written by any of these
+
+
+def test_output_dir_and_checkpoints_are_protected(mnist_dir, tiny_unet_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # Training again into the same folder would mix two runs.
+    assert "already holds checkpoint-2" in cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out))
+    # A different model in the same folder.
+    different = base_args(mnist_dir, tiny_unet_config, out, "--prediction_type", "v_prediction")
+    assert "differently configured model (prediction_type: 'epsilon' there" in cli_error(capsys, *different)
+    # A corrupt checkpoint.
+    weights_file = out / "checkpoint-2" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    corrupt = cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, "--resume_from_checkpoint", "latest"))
+    assert "checkpoint-2 could not be loaded" in corrupt and "corrupt" in corrupt
+    # Nothing else that was already written changed.
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != weights_file}
+    assert {p: b for p, b in before.items() if p != weights_file} == after
