@@ -291,15 +291,15 @@ def main(args: argparse.Namespace) -> None:
     # Data: decoded once into a uint8 tensor on the device; batches are slices of a per-epoch permutation.
     with accelerator.main_process_first():
         images, _ = load_images(
-            args.dataset_name,
-            args.dataset_config_name,
-            args.train_data_dir,
-            args.split,
-            args.cache_dir,
-            args.image_column,
-            args.label_column,
-            args.max_train_samples,
-            args.resolution,
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_data_dir=args.train_data_dir,
+            split=args.split,
+            cache_dir=args.cache_dir,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            max_train_samples=args.max_train_samples,
+            resolution=args.resolution,
             size=model.config.sample_size,
             num_proc=args.dataloader_num_workers,
         )

@@ -62,11 +62,13 @@ def load_images(
     image_column: str | None = None,
     label_column: str | None = None,
     max_train_samples: int | None = None,
+    indices: list[int] | None = None,
     resolution: int | None = None,
     size: int = 28,
     num_proc: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode a dataset split into `(N, 1, size, size)` uint8 images and `(N,)` int64 labels (or None).
+    """Decode a dataset split (its first `max_train_samples` rows, or the rows at `indices`) into `(N, 1, size, size)`
+    uint8 images and `(N,)` int64 labels (or None).
 
     Images must already be 1-channel `size` x `size`; with `resolution` set, any other image is converted to grayscale,
     resized and center-cropped to `resolution` (which must then equal `size`) instead of rejected.
@@ -85,6 +87,14 @@ def load_images(
         raise ValueError(f"Dataset {name!r} has no column {label_column!r}; its columns are {list(dataset.features)}.")
     if max_train_samples is not None:
         dataset = dataset.select(range(min(max_train_samples, len(dataset))))
+    if indices is not None:
+        outside = [i for i in indices if not 0 <= i < len(dataset)]
+        if outside:
+            raise ValueError(
+                f"Index {outside[0]} is outside split {split!r} of {name!r}, which has {len(dataset)} rows "
+                f"(0 to {len(dataset) - 1})."
+            )
+        dataset = dataset.select(indices)
     if resolution is not None and resolution != size:
         raise ValueError(f"--resolution {resolution} differs from the model's sample_size {size}.")
 

@@ -105,6 +105,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         batch_size: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
@@ -118,6 +119,8 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             generator (`torch.Generator` or a list of them, *optional*): makes generation deterministic; one per image
                 makes each image independent of the batch it is in.
             num_inference_steps (`int`, *optional*): denoising steps; defaults to the scheduler's training steps.
+            latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`; drawn from
+                `generator` if not given.
             output_type (`str`, defaults to `"pil"`): `"pil"` (mode "L" images), `"np"` (N, 28, 28, 1) floats in
                 [0, 1], or `"pt"` (N, 1, 28, 28) floats in [0, 1].
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
@@ -135,7 +138,14 @@ class MNISTDiffusionPipeline(DDPMPipeline):
 
         device = self._execution_device
         shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        if latents is None:
+            image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif latents.shape != shape:
+            raise ValueError(
+                f"`latents` must have shape {shape} for batch_size={batch_size}, got {tuple(latents.shape)}."
+            )
+        else:
+            image = latents.to(device=device, dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         image = image * self.scheduler.init_noise_sigma
         # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.

@@ -1,0 +1,192 @@
+"""`mnist-diffusion`: sample digits and draw the diffusion pictures from any trained pipeline, without writing Python."""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid
+
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts: a clear error for 0 or less."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def writable(path: str) -> str:
+    """Create the folder of an output file, or fail with a one-line error before any work is done."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"Cannot write {path}: {e.strerror} ({e.filename}).") from e
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"Cannot write {path}: the folder {folder} is not writable.")
+    return path
+
+
+def load_pipeline(model: str, scheduler: str | None = None) -> MNISTDiffusionPipeline:
+    """A saved pipeline from a folder or the Hub, on the GPU if there is one, with an optional sampler swapped in."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ValueError(
+                f"{model} is not a saved pipeline (it has no model_index.json); train one with train_ddpm.py."
+            )
+    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"--model {model}: no such folder.")
+    try:
+        pipe = MNISTDiffusionPipeline.from_pretrained(model)
+    except OSError as e:
+        raise ValueError(f"Could not load the pipeline {model!r}: {str(e).splitlines()[0]}") from e
+    if scheduler is not None:
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline `np` output `(N, H, W, 1)` in [0, 1] to `(N, H, W)` uint8, MNIST's own format."""
+    return (images[..., 0] * 255).round().astype(np.uint8)
+
+
+def generate(
+    pipe: MNISTDiffusionPipeline, num_images: int, seed: int, batch_size: int, num_inference_steps: int | None = None
+) -> np.ndarray:
+    """`num_images` digits as uint8 `(N, 28, 28)`; digit i comes from seed + i, whatever the batch size."""
+    pipe.set_progress_bar_config(disable=True)
+    digits = []
+    with tqdm(total=num_images, desc="Sampling", unit="img") as progress:
+        for start in range(0, num_images, batch_size):
+            seeds = range(seed + start, seed + min(start + batch_size, num_images))
+            generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
+            output = pipe(
+                batch_size=len(generators),
+                generator=generators,
+                num_inference_steps=num_inference_steps,
+                output_type="np",
+            )
+            digits.append(to_uint8(output.images))
+            progress.update(len(generators))
+    return np.concatenate(digits)
+
+
+def sample(args: argparse.Namespace) -> None:
+    """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
+    for path in (args.out, args.npz):
+        if path:
+            writable(path)
+    pipe = load_pipeline(args.model, args.scheduler)
+    digits = generate(pipe, args.num_images, args.seed, args.batch_size, args.num_inference_steps)
+    image_grid(digits, nrow=args.nrow, scale=args.scale).save(args.out)
+    if args.images_dir:
+        os.makedirs(args.images_dir, exist_ok=True)
+        for i, digit in enumerate(digits):
+            image_grid(digit[None], nrow=1, scale=1, pad=0).save(os.path.join(args.images_dir, f"{i:05d}.png"))
+    if args.npz:
+        np.savez_compressed(args.npz, images=digits, seeds=np.arange(args.seed, args.seed + len(digits)))
+    print(f"Wrote {len(digits)} digits to {args.out}" + (f" and {args.npz}" if args.npz else ""))
+
+
+def visualize(args: argparse.Namespace) -> None:
+    """Draw one of the pictures."""
+    from . import visualize as pictures
+    from .data import load_images
+
+    writable(args.out)
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    T = pipe.scheduler.config.num_train_timesteps
+    if args.picture in ("forward", "backward"):
+        if args.num_frames < 2:
+            raise ValueError("--num_frames must be at least 2 (t = 0 and t = T).")
+        times = pictures.evenly_spaced_times(T, args.num_frames)
+    if args.picture == "forward":
+        digits, _ = load_images(args.dataset_name, split=args.split, indices=args.index)
+        frames = pictures.forward_frames(pipe.scheduler, digits, times, torch.Generator().manual_seed(args.seed))
+        figure = pictures.strip_figure(frames, times, "Forward process: a digit noised step by step")
+    elif args.picture == "backward":
+        frames, _ = pictures.backward_frames(pipe, list(range(args.seed, args.seed + args.num_seeds)), times)
+        figure = pictures.strip_figure(frames, times[::-1], "Backward process: noise denoised into a digit")
+    elif args.picture == "schedule":
+        figure = pictures.schedule_figure(pipe.scheduler)
+    else:
+        grids = pictures.animation_frames(pipe, args.num_images, args.seed)
+        # Hold the finished digits for two seconds before the loop restarts.
+        durations = [2000 if i == len(grids) - 1 else 80 for i in range(len(grids))]
+        grids[0].save(args.out, save_all=True, append_images=grids[1:], duration=durations, loop=0)
+        print(f"Wrote {args.out}")
+        return
+    figure.savefig(args.out, dpi=args.dpi, facecolor=figure.get_facecolor())
+    print(f"Wrote {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `mnist-diffusion` command line."""
+    parser = argparse.ArgumentParser(prog="mnist-diffusion", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="Train a model (the options of train_ddpm.py).", add_help=False)
+    train.set_defaults(run=None)
+
+    s = commands.add_parser("sample", help="Generate digits into a grid PNG (and optionally PNGs and an .npz).")
+    s.add_argument("--model", required=True, help="A pipeline folder or Hub id.")
+    s.add_argument("--num_images", type=positive_int, default=64)
+    s.add_argument("--seed", type=int, default=0, help="Digit i uses seed + i.")
+    s.add_argument("--num_inference_steps", type=positive_int, default=None, help="Default: the training steps.")
+    s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the model's own (DDPM).")
+    s.add_argument("--batch_size", type=positive_int, default=256)
+    s.add_argument("--out", required=True, help="The grid PNG.")
+    s.add_argument("--nrow", type=positive_int, default=8, help="Digits per grid row.")
+    s.add_argument("--scale", type=positive_int, default=3, help="Nearest-neighbour upscaling of the grid.")
+    s.add_argument("--images_dir", default=None, help="Also write each digit as a 28x28 PNG here.")
+    s.add_argument("--npz", default=None, help="Also write all digits as uint8 arrays (key 'images') here.")
+    s.set_defaults(run=sample)
+
+    v = commands.add_parser("visualize", help="Draw the forward or backward process, the schedule, an animation.")
+    pictures = v.add_subparsers(dest="picture", required=True)
+    for name, help_text in (
+        ("forward", "Real digits noised with the model's scheduler, at evenly spaced t."),
+        ("backward", "The pipeline's own denoising steps, t = T ... 0, for one or more seeds."),
+        ("schedule", "alphas_cumprod and the image and noise scales against t."),
+        ("animation", "A grid of digits denoising, as an animated GIF."),
+    ):
+        p = pictures.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--model", required=True, help="A pipeline folder or Hub id.")
+        p.add_argument("--out", required=True, help="The PNG (GIF for animation) to write.")
+        p.add_argument("--seed", type=int, default=0)
+        if name == "forward":
+            p.add_argument("--dataset_name", default="ylecun/mnist", help="Hub id or local copy of the dataset.")
+            p.add_argument("--split", default="test")
+            p.add_argument("--index", type=int, nargs="+", default=[0, 1, 2], help="Which digits of the split.")
+        if name == "backward":
+            p.add_argument("--num_seeds", type=positive_int, default=3, help="Rows: seeds seed, seed+1, ...")
+        if name in ("forward", "backward"):
+            p.add_argument("--num_frames", type=positive_int, default=11, help="Columns, from t = 0 to T.")
+        if name == "animation":
+            p.add_argument("--num_images", type=positive_int, default=16)
+        if name != "animation":
+            p.add_argument("--dpi", type=positive_int, default=100)
+    v.set_defaults(run=visualize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input ends with one line naming the problem, not a traceback."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        import train_ddpm
+
+        return train_ddpm.cli(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"mnist-diffusion {args.command}: error: {e}")

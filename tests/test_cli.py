@@ -1,0 +1,123 @@
+"""`mnist-diffusion`: sampling and the pictures, on a tiny saved pipeline."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import visualize
+from pipeline.cli import main
+from pipeline.data import load_images
+
+
+@pytest.fixture
+def model_dir(tiny_pipeline, tmp_path):
+    """A tiny pipeline saved to a folder."""
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_sample_writes_grid_pngs_and_npz(model_dir, tmp_path, tiny_pipeline):
+    out, npz, folder = tmp_path / "out" / "grid.png", tmp_path / "digits.npz", tmp_path / "digits"
+    main(["sample", "--model", str(model_dir), "--num_images", "5", "--seed", "7", "--batch_size", "2"]
+         + ["--out", str(out), "--nrow", "4", "--scale", "2", "--npz", str(npz), "--images_dir", str(folder)])  # fmt: skip
+    grid = Image.open(out)
+    assert grid.mode == "L" and grid.size == ((4 * 30 + 2) * 2, (2 * 30 + 2) * 2)  # 4 columns, 2 rows, 2 px padding
+    digits = np.load(npz)["images"]
+    assert digits.shape == (5, 28, 28) and digits.dtype == np.uint8
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "00003.png")), digits[3])
+    # Digit i is the pipeline's output for seed + i, whatever the batch size.
+    alone = tiny_pipeline(generator=torch.Generator().manual_seed(7 + 3), output_type="np").images
+    assert np.abs(digits[3].astype(int) - (alone[0, ..., 0] * 255).round().astype(int)).max() <= 1
+
+
+def test_sample_with_a_fast_scheduler(model_dir, tmp_path):
+    npz = tmp_path / "d.npz"
+    main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "dpm++"]
+         + ["--num_inference_steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
+    assert np.load(npz)["images"].shape == (2, 28, 28)
+
+
+def test_forward_frames_start_at_the_digit_and_end_in_noise(mnist_dir, tiny_pipeline):
+    digits, _ = load_images(str(mnist_dir), split="train", max_train_samples=64)
+    times = visualize.evenly_spaced_times(50, 11)
+    assert times == list(range(0, 51, 5))
+    frames = visualize.forward_frames(tiny_pipeline.scheduler, digits, times, torch.Generator().manual_seed(0))
+    assert frames.shape == (64, 11, 28, 28)
+    torch.testing.assert_close(frames[:, 0], digits[:, 0].float() / 127.5 - 1)
+    last = frames[:, -1]
+    assert abs(last.mean().item()) < 0.05 and abs(last.std().item() - 1) < 0.05
+    # What is left of the digit shrinks as t grows.
+    clean = frames[:, 0]
+    correlation = [torch.corrcoef(torch.stack([clean.flatten(), frames[:, i].flatten()]))[0, 1] for i in range(11)]
+    assert all(a > b for a, b in zip(correlation, correlation[1:], strict=False)) and correlation[-1] < 0.05
+
+
+def test_backward_last_frame_is_the_pipeline_output(tiny_pipeline):
+    times = visualize.evenly_spaced_times(50, 6)
+    frames, output = visualize.backward_frames(tiny_pipeline, [3, 4], times)
+    assert frames.shape == (2, 6, 28, 28)
+    for row, seed in enumerate([3, 4]):
+        alone = tiny_pipeline(generator=torch.Generator().manual_seed(seed), output_type="np").images[0, ..., 0]
+        torch.testing.assert_close((frames[row, -1] / 2 + 0.5).clamp(0, 1), torch.from_numpy(alone), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(output[row, ..., 0], alone, atol=1e-4)
+    # The first frame is the starting noise.
+    assert abs(frames[:, 0].std().item() - 1) < 0.1
+
+
+@pytest.mark.parametrize(
+    "picture, extra",
+    [
+        ("forward", ["--index", "0", "5", "--num_frames", "6"]),
+        ("backward", ["--num_seeds", "2", "--num_frames", "6"]),
+        ("schedule", []),
+        ("animation", ["--num_images", "4"]),
+    ],
+)
+def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, extra):
+    out = tmp_path / (f"{picture}.gif" if picture == "animation" else f"{picture}.png")
+    if picture == "forward":
+        extra = [*extra, "--dataset_name", str(mnist_dir), "--split", "train"]
+    main(["visualize", picture, "--model", str(model_dir), "--out", str(out), *extra])
+    image = Image.open(out)
+    if picture == "animation":
+        assert image.n_frames == 51 and image.size == ((2 * 30 + 2) * 4,) * 2  # noise + 50 steps, 2x2 grid
+    elif picture == "schedule":
+        assert image.size == (600, 360)
+    else:
+        width, height = image.size
+        assert width > 6 * 28 and height > 2 * 28 and width > height  # 6 columns of t, 2 rows
+        pixels = np.asarray(image.convert("L"))
+        assert pixels.mean() < 128  # white digits on black
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "--model", "{tmp}/missing/model", "--out", "{tmp}/g.png"], "no such folder"),
+        (["sample", "--model", "{tmp}", "--out", "{tmp}/g.png"], "is not a saved pipeline"),
+        (["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--num_inference_steps", "80"], "between 1 and 50"),
+        (["sample", "--model", "{model}", "--out", "{file}/g.png"], "Cannot write"),
+        (
+            ["visualize", "forward", "--model", "{model}", "--out", "{tmp}/f.png", "--dataset_name", "{mnist}"]
+            + ["--split", "test", "--index", "32"],
+            "Index 32 is outside split 'test'",
+        ),  # fmt: skip
+        (["visualize", "backward", "--model", "{model}", "--out", "{tmp}/b.png", "--num_frames", "1"], "at least 2"),
+    ],
+)
+def test_bad_input_is_one_line(model_dir, mnist_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("")
+    fill = {"tmp": tmp_path, "model": model_dir, "mnist": mnist_dir, "file": tmp_path / "a_file"}
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(**fill) for a in argv])
+    text = str(exit_info.value.code)
+    assert message in text and "\n" not in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("argv", [["sample", "--model", "m", "--out", "o.png", "--num_images", "0"]])
+def test_non_positive_counts_are_rejected_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
