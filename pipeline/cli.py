@@ -95,6 +95,56 @@ def sample(args: argparse.Namespace) -> None:
     print(f"Wrote {len(digits)} digits to {args.out}" + (f" and {args.npz}" if args.npz else ""))
 
 
+def read_digits(path: str) -> np.ndarray:
+    """uint8 digits `(N, 28, 28)` from an .npy, an .npz (key 'images') or a folder of PNGs."""
+    if os.path.isdir(path):
+        from PIL import Image
+
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        if not files:
+            raise ValueError(f"--samples {path}: the folder holds no .png files.")
+        digits = np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("L")) for f in files])
+    elif path.endswith((".npy", ".npz")) and os.path.isfile(path):
+        digits = np.load(path)
+        digits = digits["images"] if path.endswith(".npz") else digits
+    else:
+        raise FileNotFoundError(f"--samples {path}: no such .npy or .npz file or folder of PNGs.")
+    digits = digits.squeeze()
+    if digits.ndim != 3 or digits.shape[1:] != (28, 28):
+        raise ValueError(f"--samples {path}: expected (N, 28, 28) digits, got shape {digits.shape}.")
+    if digits.dtype != np.uint8:  # floats in [0, 1], as the pipeline's "np" output
+        digits = (np.clip(digits, 0, 1) * 255).round().astype(np.uint8)
+    return digits
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Score generated digits against the real test set and print a table (and write JSON)."""
+    import json
+
+    from .evaluate import MAX_ENTROPY, evaluate_digits, reference_features
+
+    if args.out:
+        writable(args.out)
+    if (args.model is None) == (args.samples is None):
+        raise ValueError("Give exactly one of --model (to generate digits) or --samples (digits made elsewhere).")
+    if args.samples:
+        digits = read_digits(args.samples)
+    else:
+        pipe = load_pipeline(args.model, args.scheduler)
+        digits = generate(pipe, args.num_samples, args.seed, args.batch_size, args.num_inference_steps)
+    results = evaluate_digits(digits, reference_features(args.dataset_name, args.split))
+    results.update(model=args.model, samples=args.samples, scheduler=args.scheduler, steps=args.num_inference_steps)
+    print(f"{'metric':<16}{'value':>10}")
+    for key in ("num_samples", "fid", "kid", "precision", "recall", "confidence", "class_entropy"):
+        print(f"{key:<16}{results[key]:>10.4g}")
+    print(f"{'(uniform)':<16}{MAX_ENTROPY:>10.4g}")
+    print("classes         " + " ".join(f"{h:.3f}" for h in results["class_histogram"]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"Wrote {args.out}")
+
+
 def visualize(args: argparse.Namespace) -> None:
     """Draw one of the pictures."""
     from . import visualize as pictures
@@ -149,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images_dir", default=None, help="Also write each digit as a 28x28 PNG here.")
     s.add_argument("--npz", default=None, help="Also write all digits as uint8 arrays (key 'images') here.")
     s.set_defaults(run=sample)
+
+    e = commands.add_parser("evaluate", help="FID, KID, precision/recall and class statistics of generated digits.")
+    e.add_argument("--model", default=None, help="A pipeline folder or Hub id to sample from.")
+    e.add_argument("--samples", default=None, help="Or: digits made elsewhere (.npy, .npz or a folder of PNGs).")
+    e.add_argument("--num_samples", type=positive_int, default=10000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--num_inference_steps", type=positive_int, default=None)
+    e.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
+    e.add_argument("--batch_size", type=positive_int, default=256)
+    e.add_argument("--dataset_name", default="ylecun/mnist", help="The real digits to compare with.")
+    e.add_argument("--split", default="test")
+    e.add_argument("--out", default=None, help="Write the results as JSON here.")
+    e.set_defaults(run=evaluate)
 
     v = commands.add_parser("visualize", help="Draw the forward or backward process, the schedule, an animation.")
     pictures = v.add_subparsers(dest="picture", required=True)
