@@ -67,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--model_config_name_or_path", default=None, help="A UNet2DModel config (json or folder); default: built in."
     )
-    model.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "v_prediction", "sample"])
+    model.add_argument(
+        "--prediction_type",
+        default="v_prediction",
+        choices=["epsilon", "v_prediction", "sample"],
+        help="What the UNet predicts. v_prediction by default: with 50 steps ending at pure noise, epsilon models "
+        "must recover the digit from tiny differences and sample blobs (docs/evaluation.md).",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="ddpm-mnist", help="Where the pipeline, checkpoints and logs go.")

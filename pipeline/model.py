@@ -11,7 +11,7 @@ NUM_TRAIN_TIMESTEPS = 50
 
 def create_model_and_scheduler(
     sample_size: int = 28,
-    prediction_type: str = "epsilon",
+    prediction_type: str = "v_prediction",
     model_config_name_or_path: str | os.PathLike | None = None,
 ) -> tuple[UNet2DModel, DDPMScheduler]:
     """Build a fresh `UNet2DModel` (the default MNIST one, or one from a config file) and its 50-step scheduler."""
@@ -35,7 +35,10 @@ def create_model_and_scheduler(
             "MNIST digits need 1 and 1."
         )
     # The cosine schedule ends at alphas_cumprod ~ 1e-6, so step 50 is pure noise; diffusers' default linear betas
-    # would leave 78% of the digit visible after 50 steps.
+    # would leave 78% of the digit visible after 50 steps. At such a low signal-to-noise ratio an epsilon prediction
+    # says almost nothing about the digit (x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies its errors 1000x), so
+    # the default is v-prediction (Salimans & Ho 2022), which stays well posed at every step: after one epoch
+    # FID 27 against 1832 for epsilon (docs/evaluation.md).
     scheduler = DDPMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule="squaredcos_cap_v2",

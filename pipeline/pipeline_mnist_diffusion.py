@@ -139,13 +139,13 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         device = self._execution_device
         shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if latents is None:
-            image = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            image = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif latents.shape != shape:
             raise ValueError(
                 f"`latents` must have shape {shape} for batch_size={batch_size}, got {tuple(latents.shape)}."
             )
         else:
-            image = latents.to(device=device, dtype=self.unet.dtype)
+            image = latents.to(device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         image = image * self.scheduler.init_noise_sigma
         # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.
@@ -154,14 +154,17 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         )
 
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            model_output = self.unet(self.scheduler.scale_model_input(image, t), t).sample
+            # The UNet runs in its own dtype (e.g. after `pipe.to(torch.bfloat16)`); the sampler's state stays float32,
+            # so 50 small updates do not lose precision and a seed gives the same noise in any dtype.
+            model_input = self.scheduler.scale_model_input(image, t).to(self.unet.dtype)
+            model_output = self.unet(model_input, t).sample.float()
             image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 local = {"image": image, "model_output": model_output}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                 image = (outputs or {}).get("image", image)
 
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        image = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":

@@ -47,7 +47,7 @@ def backward_frames(
     unet = pipe.unet.config
     shape = (len(seeds), unet.in_channels, unet.sample_size, unet.sample_size)
     # The same draw the pipeline makes for its starting noise; it then goes on with the same generators.
-    latents = randn_tensor(shape, generator=generators, device=pipe.device, dtype=pipe.unet.dtype)
+    latents = randn_tensor(shape, generator=generators, device=pipe.device)
     kept = {T: latents[:, 0].float().cpu()}
 
     def keep(pipeline: MNISTDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
@@ -118,7 +118,6 @@ def animation_frames(pipe: MNISTDiffusionPipeline, num_images: int, seed: int, s
         (num_images, unet.in_channels, unet.sample_size, unet.sample_size),
         generator=generator,
         device=pipe.device,
-        dtype=pipe.unet.dtype,
     )
     grids.append(to_grid(latents))
     pipe(

@@ -110,7 +110,7 @@ def test_resume_mid_epoch_gives_the_same_weights(mnist_dir, tiny_unet_config, tm
             assert_same_weights(straight / name, resumed / name)
 
 
-@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_prediction_types_train_and_sample(mnist_dir, tiny_unet_config, tmp_path, prediction_type):
     from pipeline import MNISTDiffusionPipeline
 
@@ -203,8 +203,8 @@ def test_output_dir_and_checkpoints_are_protected(mnist_dir, tiny_unet_config, t
     # Training again into the same folder would mix two runs.
     assert "already holds checkpoint-2" in cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out))
     # A different model in the same folder.
-    different = base_args(mnist_dir, tiny_unet_config, out, "--prediction_type", "v_prediction")
-    assert "differently configured model (prediction_type: 'epsilon' there" in cli_error(capsys, *different)
+    different = base_args(mnist_dir, tiny_unet_config, out, "--prediction_type", "epsilon")
+    assert "differently configured model (prediction_type: 'v_prediction' there" in cli_error(capsys, *different)
     # A corrupt checkpoint.
     weights_file = out / "checkpoint-2" / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:100])
