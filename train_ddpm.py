@@ -16,7 +16,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import time
 from collections.abc import Iterator
 
 import datasets
@@ -35,7 +37,9 @@ from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
+from pipeline.cli import generate
 from pipeline.data import load_images
+from pipeline.evaluate import evaluate_digits, reference_features
 
 logger = get_logger(__name__)
 
@@ -80,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=0, help="Seeds the weights, the data order and the noise.")
     train.add_argument("--train_batch_size", type=int, default=128, help="Batch size per device.")
     train.add_argument("--eval_batch_size", type=int, default=64, help="Digits in each saved sample grid.")
-    train.add_argument("--num_epochs", type=int, default=20)
+    train.add_argument("--num_epochs", type=int, default=5, help="5 epochs: ~25 minutes on a 2-core CPU.")
     train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=1e-3)
@@ -111,6 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     out.add_argument("--logging_dir", default="logs", help="TensorBoard logs, inside --output_dir.")
     out.add_argument("--save_images_epochs", type=int, default=1, help="Save a sample grid every N epochs.")
     out.add_argument("--save_model_epochs", type=int, default=5, help="Save the pipeline every N epochs.")
+    out.add_argument(
+        "--eval_epochs", type=int, default=None, help="Every N epochs, score samples (FID...) against --eval_split."
+    )
+    out.add_argument("--eval_num_samples", type=int, default=1000, help="Digits generated for each evaluation.")
+    out.add_argument("--eval_split", default="test", help="The real split that evaluations compare against.")
     out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     out.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most N checkpoints.")
     out.add_argument(
@@ -123,10 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
-                 "save_images_epochs", "save_model_epochs", "checkpointing_steps"):  # fmt: skip
+                 "save_images_epochs", "save_model_epochs", "checkpointing_steps", "eval_num_samples"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.learning_rate <= 0:
@@ -170,13 +179,23 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
             shutil.rmtree(partial)  # left by a run that died while saving
         os.makedirs(partial)
     accelerator.wait_for_everyone()  # the folder exists before any process writes into it
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()  # every process has written its part (each writes its own RNG state)
+    try:
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()  # every process has written its part (each writes its own RNG state)
+        if accelerator.is_main_process:
+            for root, _, files in os.walk(partial):
+                for name in files:
+                    with open(os.path.join(root, name), "rb+") as f:
+                        os.fsync(f.fileno())
+    except OSError as e:  # disk full, quota, permissions: keep what was saved before, say what happened
+        shutil.rmtree(partial, ignore_errors=True)
+        earlier = find_checkpoint(output_dir)
+        raise OSError(
+            f"Could not write checkpoint-{step} in {output_dir} ({e.strerror or e}). "
+            + (f"{os.path.basename(earlier)} is intact: " if earlier else "")
+            + "free space or fix permissions, then resume with --resume_from_checkpoint latest."
+        ) from e
     if accelerator.is_main_process:
-        for root, _, files in os.walk(partial):
-            for name in files:
-                with open(os.path.join(root, name), "rb+") as f:
-                    os.fsync(f.fileno())
         if os.path.exists(final):  # resumed from an earlier checkpoint and reached this step again
             shutil.rmtree(final)
         os.replace(partial, final)  # atomic: `latest` never sees a half-written checkpoint
@@ -286,6 +305,10 @@ def main(args: argparse.Namespace) -> None:
             raise ValueError(f"Checkpoint {resume_path} is incomplete or corrupt ({e}).") from e
         for component in ("unet", "scheduler"):
             check_same_config(saved[component], model_config[component], f"Checkpoint {resume_path}")
+    if accelerator.is_main_process and os.path.isdir(args.output_dir):
+        for name in os.listdir(args.output_dir):  # half-written by a run that was killed while saving
+            if name.startswith("partial-checkpoint-"):
+                shutil.rmtree(os.path.join(args.output_dir, name))
     if args.push_to_hub and accelerator.is_main_process:
         repo_id = create_repo(
             args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
@@ -310,6 +333,9 @@ def main(args: argparse.Namespace) -> None:
             num_proc=args.dataloader_num_workers,
         )
     images = images.to(device)
+    real_features = None
+    if args.eval_epochs and accelerator.is_main_process:  # now, so that a missing split fails before training
+        real_features = reference_features(args.dataset_name, args.eval_split, args.cache_dir)
     micro_batches_per_step = args.gradient_accumulation_steps * accelerator.num_processes
     global_batch_size = args.train_batch_size * micro_batches_per_step
     steps_per_epoch = len(images) // global_batch_size
@@ -391,8 +417,11 @@ def main(args: argparse.Namespace) -> None:
 
     unwrapped = accelerator.unwrap_model(model)
 
-    def publish(epochs_done: int, save_images: bool, save_model: bool, push: bool = False) -> None:
-        """Save a sample grid (also to the trackers), the pipeline, and push it; EMA weights, main process only."""
+    def publish(
+        epochs_done: int, save_images: bool, save_model: bool, evaluate: bool, train_minutes: float, push: bool = False
+    ) -> None:
+        """Save a sample grid (also to the trackers), score samples, save the pipeline and push it; EMA weights,
+        main process only."""
         pipeline = MNISTDiffusionPipeline(unet=unwrapped, scheduler=noise_scheduler)
         pipeline.set_progress_bar_config(disable=True)
         with ema_weights(unwrapped, ema_model):
@@ -410,6 +439,16 @@ def main(args: argparse.Namespace) -> None:
                         import wandb
 
                         tracker.log({"samples": [wandb.Image(d) for d in digits]}, step=global_step)
+            if evaluate:
+                with accelerator.autocast():  # sample in the training precision: bf16 is ~2x faster on this CPU
+                    digits = generate(pipeline, args.eval_num_samples, seed=0, batch_size=125)
+                results = evaluate_digits(digits, real_features)
+                accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=global_step)
+                with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
+                    record = {"step": global_step, "epoch": epochs_done, "train_minutes": train_minutes}
+                    f.write(json.dumps({**record, **results}) + "\n")
+                logger.info(f"Step {global_step}: FID {results['fid']:.2f} on {len(digits)} samples")
+                pipeline.set_progress_bar_config(disable=True)
             if save_model:
                 pipeline.save_pretrained(args.output_dir, training_args=training_args)
             if push:
@@ -423,6 +462,22 @@ def main(args: argparse.Namespace) -> None:
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     permutation, permutation_epoch = None, None
+    # SIGTERM (preemption) or Ctrl-C: finish the step, checkpoint, say how to resume. A second signal kills at once.
+    stop_signals = []
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop_signals.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    # Training time of this process, without the time spent sampling and evaluating.
+    clock = {"start": time.perf_counter(), "publishing": 0.0}
+
+    def train_seconds() -> float:
+        return time.perf_counter() - clock["start"] - clock["publishing"]
+
     model.train()
     while global_step < max_train_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
@@ -466,15 +521,38 @@ def main(args: argparse.Namespace) -> None:
             ema_model.step(model.parameters())
         global_step += 1
         progress_bar.update(1)
-        logs = {"loss": accelerator.reduce(step_loss, reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+        # One all-reduce for the mean loss and for "did any process get a stop signal", so all stop at one step.
+        loss_sum, stops = accelerator.reduce(
+            torch.stack([step_loss, torch.tensor(float(len(stop_signals)), device=device)]), reduction="sum"
+        ).tolist()
+        logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
+        save_now = global_step % args.checkpointing_steps == 0 or stops
+        # A finite loss can still come with an update that overflowed the weights: check them before saving.
+        if not math.isfinite(logs["loss"]) or (
+            save_now and not all(torch.isfinite(p).all() for p in model.parameters())
+        ):
+            raise FloatingPointError(
+                f"Training diverged at step {global_step} (loss {logs['loss']:.4g}); nothing of it was saved. "
+                f"The latest checkpoint is {find_checkpoint(args.output_dir) or 'none'}: lower --learning_rate "
+                "(or use --mixed_precision no) and resume with --resume_from_checkpoint latest."
+            )
         if ema_model is not None:
             logs["ema_decay"] = ema_model.cur_decay_value
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
         accelerator.log(logs, step=global_step)
 
-        if global_step % args.checkpointing_steps == 0:
+        if save_now:
             path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
             logger.info(f"Saved {path}", main_process_only=True)
+        if stops:
+            progress_bar.close()
+            signum = stop_signals[0] if stop_signals else signal.SIGTERM  # another process may have got it
+            accelerator.print(
+                f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved {path}. Resume with the same "
+                "command plus --resume_from_checkpoint latest."
+            )
+            accelerator.end_training()
+            raise SystemExit(128 + signum)
 
         if global_step % steps_per_epoch == 0 and global_step < max_train_steps:
             epochs_done = global_step // steps_per_epoch
@@ -482,14 +560,27 @@ def main(args: argparse.Namespace) -> None:
                 epochs_done % args.save_images_epochs == 0,
                 epochs_done % args.save_model_epochs == 0,
             )
-            if accelerator.is_main_process and (save_images or save_model):
-                publish(epochs_done, save_images, save_model)
+            evaluate = args.eval_epochs is not None and epochs_done % args.eval_epochs == 0
+            started = time.perf_counter()
+            if accelerator.is_main_process and (save_images or save_model or evaluate):
+                publish(epochs_done, save_images, save_model, evaluate, train_seconds() / 60)
             accelerator.wait_for_everyone()
+            clock["publishing"] += time.perf_counter() - started
 
     progress_bar.close()
+    minutes = train_seconds() / 60
     if accelerator.is_main_process:
-        publish(math.ceil(global_step / steps_per_epoch), save_images=True, save_model=True, push=args.push_to_hub)
-        accelerator.print(f"Saved the pipeline to {args.output_dir} after {global_step} steps.")
+        publish(
+            math.ceil(global_step / steps_per_epoch),
+            save_images=True,
+            save_model=True,
+            evaluate=args.eval_epochs is not None,
+            train_minutes=minutes,
+            push=args.push_to_hub,
+        )
+        accelerator.print(
+            f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of training)."
+        )
     accelerator.end_training()
 
 
@@ -498,7 +589,7 @@ def cli(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         main(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"train_ddpm.py: error: {e}")
 
 

@@ -1,5 +1,6 @@
 """train_ddpm.py end to end: training, saving, exact resume, two processes, the Hub, and bad input."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,7 +63,7 @@ def test_train_save_and_sample_in_a_fresh_process(mnist_dir, tiny_unet_config, t
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting a new training run" in result.stdout
-    assert f"Saved the pipeline to {out} after 16 steps." in result.stdout
+    assert f"Saved the pipeline to {out} after 16 steps (" in result.stdout
     # Checkpoints at 3, 6, 9, 12, 15, pruned to the newest two; no partial folders left.
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-12", "checkpoint-15"]
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "unet_ema", "model_config.json"} <= {
@@ -123,6 +124,18 @@ def test_prediction_types_train_and_sample(mnist_dir, tiny_unet_config, tmp_path
     assert pipe.scheduler.config.prediction_type == prediction_type
     images = pipe(batch_size=2, num_inference_steps=5, output_type="np").images
     assert images.shape == (2, 28, 28, 1) and torch.isfinite(torch.from_numpy(images)).all()
+
+
+def test_eval_epochs_score_samples_against_the_test_split(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    # 128 images in batches of 16: 8 steps per epoch, 3 epochs, scored after each.
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--num_epochs", "3", "--eval_epochs", "1",
+                     "--eval_num_samples", "12"))  # fmt: skip
+    records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"], r["num_samples"]) for r in records] == [(1, 8, 12), (2, 16, 12), (3, 24, 12)]
+    assert all(r["fid"] > 0 and 0 <= r["precision"] <= 1 and r["train_minutes"] > 0 for r in records)
+    assert records[0]["train_minutes"] < records[1]["train_minutes"] < records[2]["train_minutes"]
 
 
 def test_two_cpu_processes_train_and_save_once(mnist_dir, tiny_unet_config, tmp_path):

@@ -1,0 +1,207 @@
+"""Faults: kills at random moments, preemption signals, diverging loss, a full disk, corrupt files, secrets."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import ROOT
+from safetensors.torch import load_file
+from test_train import assert_same_weights, base_args, cli_error, train
+
+import train_ddpm
+
+FINAL = ("unet/diffusion_pytorch_model.safetensors",)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its Accelerator from scratch."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def start(args: list[str], log: Path, env: dict | None = None, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start train_ddpm.py in its own process group, its output going to `log`."""
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [sys.executable, *launcher, str(ROOT / "train_ddpm.py"), *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env or os.environ,
+            start_new_session=True,
+        )
+
+
+def wait_for_checkpoint(process: subprocess.Popen, output_dir: Path, step: int, timeout: float = 300) -> None:
+    """Wait until the run has saved checkpoint-`step` or a later one, or has ended."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if (
+            train_ddpm.find_checkpoint(str(output_dir))
+            and int(train_ddpm.find_checkpoint(str(output_dir)).split("-")[-1]) >= step
+        ):
+            return
+        time.sleep(0.01)
+    if process.poll() is None:
+        raise TimeoutError(f"checkpoint-{step} not reached")
+
+
+def wait_for_step(log: Path, step: int, timeout: float = 300) -> None:
+    """Wait until the run's progress bar shows `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if f"| {step}/" in log.read_text(errors="ignore"):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached:\n{log.read_text()[-2000:]}")
+
+
+def finish(process: subprocess.Popen, log: Path) -> str:
+    """Wait for the run to end; its output."""
+    process.wait(timeout=300)
+    return log.read_text()
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_same_weights(mnist_dir, tiny_unet_config, tmp_path):
+    flags = ["--max_train_steps", "24", "--checkpointing_steps", "2", "--save_images_epochs", "100"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(*base_args(mnist_dir, tiny_unet_config, straight, *flags))
+    rng = random.Random(0)
+    kills = tries = 0
+    log = tmp_path / "log.txt"
+    while True:
+        process = start(
+            base_args(mnist_dir, tiny_unet_config, killed, *flags, "--resume_from_checkpoint", "latest"), log
+        )
+        if tries < 5:  # let it reach a random checkpoint, then kill it a random moment later: in a step or a save
+            tries += 1
+            wait_for_checkpoint(process, killed, rng.randrange(2, 22, 2))
+            time.sleep(rng.uniform(0, 0.1))
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                kills += 1
+            process.wait()
+            continue
+        output = finish(process, log)
+        assert process.returncode == 0, output[-3000:]
+        break
+    print(f"kills survived: {kills}/{tries}")
+    assert kills >= 3
+    assert not list(killed.glob("partial-checkpoint-*"))  # what a kill left half-written was cleaned up
+    for name in (*FINAL, "checkpoint-24/model.safetensors"):
+        assert_same_weights(straight / name, killed / name)
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_exactly(mnist_dir, tiny_unet_config, tmp_path):
+    flags = ["--max_train_steps", "40", "--checkpointing_steps", "1000", "--save_images_epochs", "100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(*base_args(mnist_dir, tiny_unet_config, straight, *flags))
+    log = tmp_path / "log.txt"
+    process = start(base_args(mnist_dir, tiny_unet_config, stopped, *flags), log)
+    wait_for_step(log, 5)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = finish(process, log)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Stopped by SIGTERM at step" in output and "--resume_from_checkpoint latest" in output
+    assert "Traceback" not in output
+    (checkpoint,) = stopped.glob("checkpoint-*")
+    assert 5 <= int(checkpoint.name.split("-")[1]) < 40
+    train(*base_args(mnist_dir, tiny_unet_config, stopped, *flags, "--resume_from_checkpoint", "latest"))
+    assert_same_weights(straight / FINAL[0], stopped / FINAL[0])
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(mnist_dir, tiny_unet_config, tmp_path):
+    out = tmp_path / "ddp"
+    args = base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "200", "--checkpointing_steps", "1000")
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    log = tmp_path / "log.txt"
+    process = start(args, log, env=env, launcher=launcher)
+    wait_for_step(log, 3)
+    workers = []
+    for _ in range(50):  # the launcher's children are the two workers
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        if len(workers) == 2:
+            break
+        time.sleep(0.1)
+    os.kill(int(max(workers, key=int)), signal.SIGTERM)  # the later-started worker: usually rank 1
+    output = finish(process, log)
+    assert output.count("Stopped by SIGTERM at step") == 1, output[-3000:]
+    (checkpoint,) = out.glob("checkpoint-*")
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+    assert f"at step {checkpoint.name.split('-')[1]};" in output
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    mnist_dir, tiny_unet_config, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    # An absurd learning rate overflows the weights within a few steps; every step is a checkpointing step.
+    diverge = ["--max_train_steps", "50", "--checkpointing_steps", "1", "--learning_rate", "1e30"]
+    diverge += ["--max_grad_norm", "1e30"]
+    message = cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, *diverge))
+    assert "Training diverged at step" in message, message
+    step = int(message.split(" at step ")[1].split(" ")[0])
+    latest = train_ddpm.find_checkpoint(str(out))
+    assert latest == str(out / f"checkpoint-{step - 1}") and f"The latest checkpoint is {latest}" in message
+    weights = load_file(str(Path(latest) / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(
+    mnist_dir, tiny_unet_config, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    real_save_state = train_ddpm.Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        if output_dir.endswith("checkpoint-4"):
+            Path(output_dir, "model.safetensors").write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(train_ddpm.Accelerator, "save_state", save_state)
+    message = cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "6"),
+                        "--checkpointing_steps", "2")  # fmt: skip
+    assert "Could not write checkpoint-4" in message and "No space left on device" in message
+    assert "checkpoint-2 is intact" in message
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    monkeypatch.undo()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_truncated_pipeline_weights_are_named(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "g.png")])
+    assert "diffusion_pytorch_model.safetensors" in str(exit_info.value.code)
+
+
+def test_resuming_never_unpickles_arbitrary_objects(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert calls and all(weights_only is True for weights_only in calls), calls
