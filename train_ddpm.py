@@ -29,17 +29,18 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
-from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from huggingface_hub import create_repo
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
 from pipeline.cli import generate
 from pipeline.data import load_images
 from pipeline.evaluate import evaluate_digits, reference_features
+from pipeline.model import CAPTION_TEMPLATES, NUM_CLASSES, captions
 
 logger = get_logger(__name__)
 
@@ -70,6 +71,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model_config_name_or_path", default=None, help="A UNet2DModel config (json or folder); default: built in."
+    )
+    model.add_argument(
+        "--conditioning",
+        default="none",
+        choices=["none", "class", "text"],
+        help="Unconditional, class-conditional (10 labels + 'no label'), or text-conditional through --text_encoder.",
+    )
+    model.add_argument(
+        "--condition_dropout",
+        type=float,
+        default=0.1,
+        help="Drop labels/captions this often (classifier-free guidance).",
+    )
+    model.add_argument(
+        "--text_encoder",
+        default="openai/clip-vit-base-patch32",
+        help="A CLIP text model and tokenizer (Hub id or folder), frozen, for --conditioning text.",
     )
     model.add_argument(
         "--prediction_type",
@@ -138,6 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if not 0 <= args.condition_dropout < 1:
+        parser.error(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}.")
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}.")
     return args
@@ -265,9 +285,25 @@ def main(args: argparse.Namespace) -> None:
     training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
 
     # Model, and the checks that protect what is already in --output_dir, before any data is read.
+    text_encoder = tokenizer = None
+    if args.conditioning == "text":
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(args.text_encoder, cache_dir=args.cache_dir)
+            text_encoder = CLIPTextModel.from_pretrained(args.text_encoder, cache_dir=args.cache_dir)
+        except OSError as e:
+            raise ValueError(
+                f"Could not load the text encoder {args.text_encoder!r} ({str(e).splitlines()[0]}). --text_encoder "
+                "takes a Hub id or a folder holding a CLIP text model and its tokenizer."
+            ) from e
+        text_encoder.requires_grad_(False).eval().to(device)
     model, noise_scheduler = create_model_and_scheduler(
-        args.resolution or 28, args.prediction_type, args.model_config_name_or_path
+        args.resolution or 28,
+        args.prediction_type,
+        args.model_config_name_or_path,
+        args.conditioning,
+        text_encoder.config.hidden_size if text_encoder is not None else None,
     )
+    model_cls = type(model)
     model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
     if device.type == "cpu":
         # PyTorch's CPU flash-attention backward is slow on these short (7x7 = 49 token) bf16 sequences: the plain
@@ -319,7 +355,7 @@ def main(args: argparse.Namespace) -> None:
 
     # Data: decoded once into a uint8 tensor on the device; batches are slices of a per-epoch permutation.
     with accelerator.main_process_first():
-        images, _ = load_images(
+        images, labels = load_images(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
             train_data_dir=args.train_data_dir,
@@ -333,6 +369,21 @@ def main(args: argparse.Namespace) -> None:
             num_proc=args.dataloader_num_workers,
         )
     images = images.to(device)
+    if args.conditioning != "none":
+        if labels is None:
+            raise ValueError(
+                f"--conditioning {args.conditioning} needs digit labels, and the dataset has no label column: "
+                "name it with --label_column."
+            )
+        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+            raise ValueError(f"--conditioning needs labels 0..{NUM_CLASSES - 1}; the dataset has {labels.unique()}.")
+        labels = labels.to(device)
+    if args.conditioning == "text":
+        # The encoder is frozen: every caption's hidden states are computed once, here, not at every step.
+        with torch.no_grad():
+            encoder = MNISTDiffusionPipeline(model, noise_scheduler, text_encoder, tokenizer)
+            caption_states = torch.stack([encoder.encode_prompt(captions(d)) for d in range(NUM_CLASSES)])
+            empty_state = encoder.encode_prompt([""])
     real_features = None
     if args.eval_epochs and accelerator.is_main_process:  # now, so that a missing split fails before training
         real_features = reference_features(args.dataset_name, args.eval_split, args.cache_dir)
@@ -365,7 +416,7 @@ def main(args: argparse.Namespace) -> None:
             use_ema_warmup=True,
             inv_gamma=args.ema_inv_gamma,
             power=args.ema_power,
-            model_cls=UNet2DModel,
+            model_cls=model_cls,
             model_config=model.config,
             foreach=True,
         )
@@ -382,7 +433,7 @@ def main(args: argparse.Namespace) -> None:
     def load_model_hook(models: list, input_dir: str) -> None:
         if ema_model is not None:
             ema_model.load_state_dict(
-                EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel).state_dict()
+                EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls).state_dict()
             )
             ema_model.to(device)
 
@@ -422,13 +473,15 @@ def main(args: argparse.Namespace) -> None:
     ) -> None:
         """Save a sample grid (also to the trackers), score samples, save the pipeline and push it; EMA weights,
         main process only."""
-        pipeline = MNISTDiffusionPipeline(unet=unwrapped, scheduler=noise_scheduler)
+        pipeline = MNISTDiffusionPipeline(unwrapped, noise_scheduler, text_encoder, tokenizer)
         pipeline.set_progress_bar_config(disable=True)
         with ema_weights(unwrapped, ema_model):
             unwrapped.eval()
             if save_images:
                 digits = pipeline(
-                    batch_size=args.eval_batch_size, generator=torch.Generator().manual_seed(0), output_type="np"
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="np",
+                    **pipeline.example_conditions(args.eval_batch_size),
                 ).images
                 digits = (digits[..., 0] * 255).round().astype(np.uint8)
                 image_grid(digits).save(os.path.join(args.output_dir, "samples", f"epoch_{epochs_done:04d}.png"))
@@ -440,9 +493,11 @@ def main(args: argparse.Namespace) -> None:
 
                         tracker.log({"samples": [wandb.Image(d) for d in digits]}, step=global_step)
             if evaluate:
+                # Conditional models are asked for 0..9 in turn and scored on whether they drew what was asked.
+                wanted = np.arange(args.eval_num_samples) % NUM_CLASSES if args.conditioning != "none" else None
                 with accelerator.autocast():  # sample in the training precision: bf16 is ~2x faster on this CPU
-                    digits = generate(pipeline, args.eval_num_samples, seed=0, batch_size=125)
-                results = evaluate_digits(digits, real_features)
+                    digits = generate(pipeline, args.eval_num_samples, seed=0, batch_size=125, labels=wanted)
+                results = evaluate_digits(digits, real_features, wanted)
                 accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=global_step)
                 with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
                     record = {"step": global_step, "epoch": epochs_done, "train_minutes": train_minutes}
@@ -491,7 +546,8 @@ def main(args: argparse.Namespace) -> None:
         for micro_step in range(args.gradient_accumulation_steps):
             start = ((step_in_epoch * args.gradient_accumulation_steps + micro_step) * accelerator.num_processes
                      + accelerator.process_index) * args.train_batch_size  # fmt: skip
-            clean_images = images[permutation[start : start + args.train_batch_size]].float() / 127.5 - 1
+            batch = permutation[start : start + args.train_batch_size]
+            clean_images = images[batch].float() / 127.5 - 1
             # Noise and timesteps depend on (seed, step, micro-batch, process) alone: resuming is exact.
             generator = torch.Generator(device).manual_seed(
                 seed_for(args.seed, 1, global_step, micro_step, accelerator.process_index)
@@ -505,9 +561,18 @@ def main(args: argparse.Namespace) -> None:
                 target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
             else:
                 target = clean_images
+            condition = {}
+            if args.conditioning != "none":
+                dropped = torch.rand(len(batch), generator=generator, device=device) < args.condition_dropout
+                if args.conditioning == "class":
+                    condition["class_labels"] = labels[batch].masked_fill(dropped, NUM_CLASSES)  # the "no label" token
+                else:
+                    template = torch.randint(len(CAPTION_TEMPLATES), (len(batch),), generator=generator, device=device)
+                    states = caption_states[labels[batch], template]
+                    condition["encoder_hidden_states"] = torch.where(dropped[:, None, None], empty_state, states)
 
             with accelerator.accumulate(model):
-                model_output = model(noisy_images, timesteps).sample
+                model_output = model(noisy_images, timesteps, **condition).sample
                 loss = F.mse_loss(model_output.float(), target)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
-from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid
+from .pipeline_mnist_diffusion import EXAMPLE_PROMPT, MNISTDiffusionPipeline, image_grid
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
@@ -58,20 +58,39 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def generate(
-    pipe: MNISTDiffusionPipeline, num_images: int, seed: int, batch_size: int, num_inference_steps: int | None = None
+    pipe: MNISTDiffusionPipeline,
+    num_images: int,
+    seed: int,
+    batch_size: int,
+    num_inference_steps: int | None = None,
+    labels: np.ndarray | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float = 2.0,
 ) -> np.ndarray:
-    """`num_images` digits as uint8 `(N, 28, 28)`; digit i comes from seed + i, whatever the batch size."""
+    """`num_images` digits as uint8 `(N, 28, 28)`; digit i comes from seed + i, whatever the batch size.
+
+    Digit i is asked to be `labels[i]` (a class label, or a prompt about it for text models) or `prompt`."""
     pipe.set_progress_bar_config(disable=True)
     digits = []
     with tqdm(total=num_images, desc="Sampling", unit="img") as progress:
         for start in range(0, num_images, batch_size):
             seeds = range(seed + start, seed + min(start + batch_size, num_images))
             generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
+            condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
+            if labels is not None:
+                wanted = labels[start : start + len(generators)].tolist()
+                if pipe.conditioning == "text":
+                    condition["prompt"] = [EXAMPLE_PROMPT.format(label) for label in wanted]
+                else:
+                    condition["class_labels"] = wanted
             output = pipe(
                 batch_size=len(generators),
                 generator=generators,
                 num_inference_steps=num_inference_steps,
                 output_type="np",
+                guidance_scale=guidance_scale,
+                **condition,
             )
             digits.append(to_uint8(output.images))
             progress.update(len(generators))
@@ -84,7 +103,11 @@ def sample(args: argparse.Namespace) -> None:
         if path:
             writable(path)
     pipe = load_pipeline(args.model, args.scheduler)
-    digits = generate(pipe, args.num_images, args.seed, args.batch_size, args.num_inference_steps)
+    labels = np.resize(args.class_labels, args.num_images) if args.class_labels else None
+    digits = generate(
+        pipe, args.num_images, args.seed, args.batch_size, args.num_inference_steps, labels, args.prompt,
+        args.negative_prompt, args.guidance_scale,
+    )  # fmt: skip
     image_grid(digits, nrow=args.nrow, scale=args.scale).save(args.out)
     if args.images_dir:
         os.makedirs(args.images_dir, exist_ok=True)
@@ -127,16 +150,25 @@ def evaluate(args: argparse.Namespace) -> None:
         writable(args.out)
     if (args.model is None) == (args.samples is None):
         raise ValueError("Give exactly one of --model (to generate digits) or --samples (digits made elsewhere).")
+    labels = None
     if args.samples:
         digits = read_digits(args.samples)
     else:
         pipe = load_pipeline(args.model, args.scheduler)
-        digits = generate(pipe, args.num_samples, args.seed, args.batch_size, args.num_inference_steps)
-    results = evaluate_digits(digits, reference_features(args.dataset_name, args.split))
+        # A conditional model is asked for 0..9 in turn, and scored on whether it drew what was asked.
+        labels = np.arange(args.num_samples) % 10 if pipe.conditioning != "none" else None
+        digits = generate(
+            pipe, args.num_samples, args.seed, args.batch_size, args.num_inference_steps, labels,
+            guidance_scale=args.guidance_scale,
+        )  # fmt: skip
+    results = evaluate_digits(digits, reference_features(args.dataset_name, args.split), labels)
     results.update(model=args.model, samples=args.samples, scheduler=args.scheduler, steps=args.num_inference_steps)
+    if labels is not None:
+        results["guidance_scale"] = args.guidance_scale
     print(f"{'metric':<16}{'value':>10}")
-    for key in ("num_samples", "fid", "kid", "precision", "recall", "confidence", "class_entropy"):
-        print(f"{key:<16}{results[key]:>10.4g}")
+    for key in ("num_samples", "fid", "kid", "precision", "recall", "confidence", "class_entropy", "label_accuracy"):
+        if key in results:
+            print(f"{key:<16}{results[key]:>10.4g}")
     print(f"{'(uniform)':<16}{MAX_ENTROPY:>10.4g}")
     print("classes         " + " ".join(f"{h:.3f}" for h in results["class_histogram"]))
     if args.out:
@@ -192,12 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="Digit i uses seed + i.")
     s.add_argument("--num_inference_steps", type=positive_int, default=None, help="Default: the training steps.")
     s.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="Default: the model's own (DDPM).")
-    s.add_argument("--batch_size", type=positive_int, default=256)
+    s.add_argument("--class_labels", type=int, nargs="+", default=None, help="Digits to draw, repeated in turn.")
+    s.add_argument("--prompt", default=None, help='What to draw, e.g. "a handwritten seven" (text models).')
+    s.add_argument("--negative_prompt", default=None, help="What to steer away from (text models).")
+    s.add_argument("--batch_size", type=positive_int, default=128)
     s.add_argument("--out", required=True, help="The grid PNG.")
     s.add_argument("--nrow", type=positive_int, default=8, help="Digits per grid row.")
     s.add_argument("--scale", type=positive_int, default=3, help="Nearest-neighbour upscaling of the grid.")
     s.add_argument("--images_dir", default=None, help="Also write each digit as a 28x28 PNG here.")
     s.add_argument("--npz", default=None, help="Also write all digits as uint8 arrays (key 'images') here.")
+    s.add_argument("--guidance_scale", type=float, default=2.0, help="Classifier-free guidance; 1 = none.")
     s.set_defaults(run=sample)
 
     e = commands.add_parser("evaluate", help="FID, KID, precision/recall and class statistics of generated digits.")
@@ -207,10 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--num_inference_steps", type=positive_int, default=None)
     e.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
-    e.add_argument("--batch_size", type=positive_int, default=256)
+    e.add_argument("--batch_size", type=positive_int, default=128)
     e.add_argument("--dataset_name", default="ylecun/mnist", help="The real digits to compare with.")
     e.add_argument("--split", default="test")
     e.add_argument("--out", default=None, help="Write the results as JSON here.")
+    e.add_argument("--guidance_scale", type=float, default=2.0, help="For conditional models; 1 = no guidance.")
     e.set_defaults(run=evaluate)
 
     v = commands.add_parser("visualize", help="Draw the forward or backward process, the schedule, an animation.")

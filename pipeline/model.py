@@ -1,33 +1,71 @@
-"""The one factory for the denoiser and its noise schedule."""
+"""The one factory for the denoiser and its noise schedule, and the captions text-conditional models learn from."""
 
 import os
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from .pipeline_mnist_diffusion import check_unet_config
 
 NUM_TRAIN_TIMESTEPS = 50
+NUM_CLASSES = 10  # class-conditional UNets get one more embedding: the "no label" token of classifier-free guidance
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Varied phrasings, so a text model learns the digit rather than one sentence.
+CAPTION_TEMPLATES = (
+    "a handwritten {digit}",
+    "the digit {word}",
+    "number {digit}, written by hand",
+    "a handwritten {word}",
+    "an image of the number {word}",
+    "{digit}",
+    "a {word} drawn in white on black",
+    "the numeral {digit}",
+)
+
+
+def captions(label: int) -> list[str]:
+    """Every caption template filled in for one digit."""
+    return [t.format(digit=label, word=NUMBER_WORDS[label]) for t in CAPTION_TEMPLATES]
 
 
 def create_model_and_scheduler(
     sample_size: int = 28,
     prediction_type: str = "v_prediction",
     model_config_name_or_path: str | os.PathLike | None = None,
-) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Build a fresh `UNet2DModel` (the default MNIST one, or one from a config file) and its 50-step scheduler."""
-    if model_config_name_or_path is None:
-        unet = UNet2DModel(
-            sample_size=sample_size,
-            in_channels=1,
-            out_channels=1,
-            layers_per_block=2,
-            # 28 -> 14 -> 7: three levels, attention only at 7x7 where it is cheap.
-            block_out_channels=(32, 64, 64),
-            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        )
+    conditioning: str = "none",
+    cross_attention_dim: int | None = None,
+) -> tuple[UNet2DModel | UNet2DConditionModel, DDPMScheduler]:
+    """Build a fresh UNet (the default MNIST one, or one from a config file) and its 50-step scheduler.
+
+    `conditioning` is "none", "class" (a `UNet2DModel` with a class embedding) or "text" (a `UNet2DConditionModel`
+    that cross-attends to text-encoder states of width `cross_attention_dim`)."""
+    if conditioning not in ("none", "class", "text"):
+        raise ValueError(f"conditioning must be 'none', 'class' or 'text', got {conditioning!r}.")
+    if conditioning == "text" and cross_attention_dim is None:
+        raise ValueError("A text-conditional UNet needs the text encoder's width, cross_attention_dim.")
+    config = {
+        "sample_size": sample_size,
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 2,
+        # 28 -> 14 -> 7: three levels, attention only at 7x7 where it is cheap.
+        "block_out_channels": (32, 64, 64),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    }
+    if conditioning == "text":
+        # The text reaches the digit through cross-attention at 14x14 and 7x7.
+        config["down_block_types"] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        config["up_block_types"] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+        config["attention_head_dim"] = 8
+    if model_config_name_or_path is not None:
+        config = UNet2DModel.load_config(model_config_name_or_path)
+    if conditioning == "text":
+        config = {**config, "cross_attention_dim": cross_attention_dim}
+        unet = UNet2DConditionModel.from_config({k: v for k, v in config.items() if k != "_class_name"})
     else:
-        unet = UNet2DModel.from_config(UNet2DModel.load_config(model_config_name_or_path))
+        if conditioning == "class":
+            config = {**config, "num_class_embeds": NUM_CLASSES + 1}
+        unet = UNet2DModel.from_config({k: v for k, v in config.items() if k != "_class_name"})
     check_unet_config(unet.config)
     if unet.config.in_channels != 1 or unet.config.out_channels != 1:
         raise ValueError(

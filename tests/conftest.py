@@ -83,6 +83,40 @@ def tiny_unet_config(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A folder holding a tiny random CLIP text model and a character-level CLIP tokenizer (no download)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789,.":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    # transformers 5 takes the vocabulary and merges themselves (vocab_file= would be silently ignored).
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24).save_pretrained(folder)
+    config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_text_unet_config(tmp_path_factory) -> Path:
+    """A tiny UNet2DConditionModel config (cross-attention at 14x14 and 7x7); the width of the text comes later."""
+    folder = tmp_path_factory.mktemp("tiny_text_unet")
+    config = {
+        **TINY_UNET,
+        "_class_name": "UNet2DConditionModel",
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.fixture
 def tiny_pipeline() -> MNISTDiffusionPipeline:
     """An untrained tiny pipeline with fixed weights, progress bar off."""
