@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
-from pipeline.cli import generate
+from pipeline.cli import default_mixed_precision, generate
 from pipeline.data import load_images
 from pipeline.evaluate import evaluate_digits, reference_features
 from pipeline.model import CAPTION_TEMPLATES, NUM_CLASSES, captions
@@ -230,14 +230,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     return final
 
 
-def default_mixed_precision() -> str:
-    """bf16 where the hardware runs it natively (Ampere+ GPUs, CPUs with AVX512-BF16 or AMX), else no."""
-    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    if torch.backends.mps.is_available():
-        return "no"
-    # On this project's 2-core AVX512-BF16 CPU, bf16 autocast trains the default UNet ~1.7x faster than fp32.
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+def use_fast_attention(model: torch.nn.Module, device: torch.device) -> None:
+    """On CPU, swap scaled_dot_product_attention for the plain matmul-softmax processor."""
+    if device.type == "cpu":
+        # PyTorch's CPU flash-attention backward is slow on these short (7x7 = 49 token) bf16 sequences: the plain
+        # processor trains the default UNet ~1.5x faster here (benchmarks/speed.py).
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.set_processor(AttnProcessor())
 
 
 def seed_for(*keys: int) -> int:
@@ -305,12 +305,7 @@ def main(args: argparse.Namespace) -> None:
     )
     model_cls = type(model)
     model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
-    if device.type == "cpu":
-        # PyTorch's CPU flash-attention backward is slow on these short (7x7 = 49 token) bf16 sequences: the plain
-        # matmul-softmax processor trains the default UNet ~1.5x faster here (benchmarks/speed.py).
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.set_processor(AttnProcessor())
+    use_fast_attention(model, device)
     for component, file in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
         saved = os.path.join(args.output_dir, component, file)
         if os.path.isfile(saved):

@@ -1,8 +1,12 @@
-"""The pictures: forward (noising) and backward (denoising) strips, the noise schedule, a denoising animation.
+"""The pictures: forward (noising) and backward (denoising) strips, the noise schedule, a denoising animation, and the
+training curves of a run.
 
 Time is shown as in Ho et al.: t = 0 is the clean digit and t = T (50) pure noise. diffusers counts the same
 noise levels as timesteps 0 ... T-1, so picture time t is diffusers timestep t - 1.
 """
+
+import json
+import os
 
 import matplotlib
 
@@ -128,3 +132,44 @@ def animation_frames(pipe: MNISTDiffusionPipeline, num_images: int, seed: int, s
         callback_on_step_end=lambda p, i, t, tensors: grids.append(to_grid(tensors["image"])) or {},
     )
     return grids
+
+
+def training_figure(run_dir: str, reference_fid: dict[str, float] | None = None) -> plt.Figure:
+    """Training loss against step (TensorBoard logs) and, if the run evaluated (`--eval_epochs`), FID against
+    training minutes, with optional reference levels such as {"original model": 74.8}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = [os.path.join(root) for root, _, files in os.walk(run_dir) if any("tfevents" in f for f in files)]
+    if not logs:
+        raise ValueError(f"{run_dir} holds no TensorBoard logs; train with --logger tensorboard.")
+    losses = {}
+    for log in logs:  # a resumed run writes several event files; later steps win
+        events = EventAccumulator(log, size_guidance={"scalars": 0})
+        events.Reload()
+        if "loss" in events.Tags()["scalars"]:
+            losses.update({e.step: e.value for e in events.Scalars("loss")})
+    evaluations = []
+    if os.path.isfile(os.path.join(run_dir, "eval.jsonl")):
+        with open(os.path.join(run_dir, "eval.jsonl")) as f:
+            evaluations = [json.loads(line) for line in f if line.strip()]
+    fig, axes = plt.subplots(1, 2 if evaluations else 1, figsize=(11 if evaluations else 6, 3.6), squeeze=False)
+    steps = np.array(sorted(losses))
+    values = np.array([losses[s] for s in steps])
+    window = max(1, len(values) // 50)  # a moving average shows the trend through the per-batch noise
+    axes[0, 0].plot(steps, values, alpha=0.3, lw=0.8, label="per step")
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    axes[0, 0].plot(steps[window - 1 :], smooth, label=f"mean of {window}")
+    axes[0, 0].set(xlabel="step", ylabel="loss", yscale="log", title="Training loss")
+    axes[0, 0].legend()
+    axes[0, 0].grid(alpha=0.3)
+    if evaluations:
+        ax = axes[0, 1]
+        ax.plot([e["train_minutes"] for e in evaluations], [e["fid"] for e in evaluations], "o-", label="this run")
+        for name, fid in (reference_fid or {}).items():
+            ax.axhline(fid, ls="--", color="gray", lw=1)
+            ax.text(0, fid, f" {name}", va="bottom", fontsize=8, color="gray")
+        ax.set(xlabel="training minutes", ylabel="FID (classifier features)", yscale="log", xlim=(0, None))
+        ax.set_title(f"FID on {evaluations[-1]['num_samples']} samples against training time")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipeline import visualize
-from pipeline.cli import main
+from pipeline.cli import DEFAULT_SAMPLER, SCHEDULERS, generate, main, sampling_precision
 from pipeline.data import load_images
 
 
@@ -20,7 +20,8 @@ def model_dir(tiny_pipeline, tmp_path):
 def test_sample_writes_grid_pngs_and_npz(model_dir, tmp_path, tiny_pipeline):
     out, npz, folder = tmp_path / "out" / "grid.png", tmp_path / "digits.npz", tmp_path / "digits"
     main(["sample", "--model", str(model_dir), "--num_images", "5", "--seed", "7", "--batch_size", "2"]
-         + ["--out", str(out), "--nrow", "4", "--scale", "2", "--npz", str(npz), "--images_dir", str(folder)])  # fmt: skip
+         + ["--out", str(out), "--nrow", "4", "--scale", "2", "--npz", str(npz), "--images_dir", str(folder)]
+         + ["--scheduler", "ddpm", "--precision", "fp32"])  # fmt: skip
     grid = Image.open(out)
     assert grid.mode == "L" and grid.size == ((4 * 30 + 2) * 2, (2 * 30 + 2) * 2)  # 4 columns, 2 rows, 2 px padding
     digits = np.load(npz)["images"]
@@ -32,11 +33,19 @@ def test_sample_writes_grid_pngs_and_npz(model_dir, tmp_path, tiny_pipeline):
     assert np.abs(digits[3].astype(int) - (alone[0, ..., 0] * 255).round().astype(int)).max() <= 1
 
 
-def test_sample_with_a_fast_scheduler(model_dir, tmp_path):
+def test_sample_defaults_to_the_recommended_sampler(model_dir, tmp_path, tiny_pipeline):
     npz = tmp_path / "d.npz"
-    main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "dpm++"]
+    main(
+        ["sample", "--model", str(model_dir), "--num_images", "2", "--out", str(tmp_path / "g.png"), "--npz", str(npz)]
+    )
+    name, steps = DEFAULT_SAMPLER
+    tiny_pipeline.scheduler = SCHEDULERS[name].from_config(tiny_pipeline.scheduler.config)
+    with sampling_precision(torch.device("cpu")):
+        expected = generate(tiny_pipeline, 2, 0, 2, steps, progress=False)
+    np.testing.assert_array_equal(np.load(npz)["images"], expected)
+    main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "ddim"]
          + ["--num_inference_steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
-    assert np.load(npz)["images"].shape == (2, 28, 28)
+    assert not np.array_equal(np.load(npz)["images"], expected)
 
 
 def test_forward_frames_start_at_the_digit_and_end_in_noise(mnist_dir, tiny_pipeline):

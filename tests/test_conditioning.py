@@ -1,5 +1,8 @@
 """Class- and text-conditional models: training, classifier-free guidance, saving and loading, bad input."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -113,3 +116,18 @@ def test_bad_conditions_are_clear_errors(class_model, kwargs, message):
 def test_labels_to_an_unconditional_model_are_a_clear_error(tiny_pipeline):
     with pytest.raises(ValueError, match="need a class-conditional model; this one is conditioned on none"):
         tiny_pipeline(class_labels=[1], num_inference_steps=1)
+
+
+def test_command_line_draws_and_scores_the_digits_asked_for(class_model, mnist_dir, tmp_path, monkeypatch):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    npz = tmp_path / "sevens.npz"
+    main(["sample", "--model", str(class_model), "--num_images", "3", "--class_labels", "7", "--guidance_scale", "3"]
+         + ["--num_inference_steps", "4", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
+    assert np.load(npz)["images"].shape == (3, 28, 28)
+    out = tmp_path / "results.json"
+    main(["evaluate", "--model", str(class_model), "--num_samples", "20", "--num_inference_steps", "4"]
+         + ["--dataset_name", str(mnist_dir), "--out", str(out)])  # fmt: skip
+    results = json.loads(out.read_text())
+    assert 0 <= results["label_accuracy"] <= 1 and results["guidance_scale"] == 2.0

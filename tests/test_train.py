@@ -11,6 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from conftest import ROOT, run_python
+from PIL import Image
 from safetensors.torch import load_file
 
 import train_ddpm
@@ -136,6 +137,13 @@ def test_eval_epochs_score_samples_against_the_test_split(mnist_dir, tiny_unet_c
     assert [(r["epoch"], r["step"], r["num_samples"]) for r in records] == [(1, 8, 12), (2, 16, 12), (3, 24, 12)]
     assert all(r["fid"] > 0 and 0 <= r["precision"] <= 1 and r["train_minutes"] > 0 for r in records)
     assert records[0]["train_minutes"] < records[1]["train_minutes"] < records[2]["train_minutes"]
+    # The training curves: loss from TensorBoard, FID against minutes from eval.jsonl.
+    from pipeline.cli import main as cli
+
+    cli(
+        ["visualize", "training", "--run", str(out), "--out", str(tmp_path / "curves.png"), "--reference", "floor=0.4"]
+    )
+    assert Image.open(tmp_path / "curves.png").size == (1100, 360)
 
 
 def test_two_cpu_processes_train_and_save_once(mnist_dir, tiny_unet_config, tmp_path):

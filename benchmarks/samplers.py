@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Sample quality against speed: FID (and the rest of `mnist-diffusion evaluate`) for each sampler, step count and
+precision, on one trained pipeline, side by side.
+
+    python benchmarks/samplers.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 2000
+"""
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from pipeline.cli import generate, load_pipeline
+from pipeline.evaluate import evaluate_digits, reference_features
+
+# (scheduler, steps, precision): 50-step ancestral DDPM in fp32 is the reference the others are measured against.
+SETTINGS = [("ddpm", 50, "fp32"), ("ddpm", 50, "bf16")] + [
+    (scheduler, steps, "bf16") for scheduler in ("ddim", "dpm++") for steps in (10, 20, 25)
+]
+
+
+def main() -> None:
+    """Evaluate every setting and print a table; write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pretrained/ddpm-mnist")
+    parser.add_argument("--dataset_name", default="ylecun/mnist", help="Real digits (test split) to compare with.")
+    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=125)
+    parser.add_argument("--out", default="benchmarks/results/samplers.json")
+    args = parser.parse_args()
+
+    real = reference_features(args.dataset_name, "test")
+    rows = []
+    for scheduler, steps, precision in SETTINGS:
+        pipe = load_pipeline(args.model, scheduler)
+        device = pipe.device.type
+        autocast = torch.autocast(device, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        start = time.perf_counter()
+        with autocast:
+            digits = generate(pipe, args.num_samples, 0, args.batch_size, steps)
+        seconds = time.perf_counter() - start
+        results = evaluate_digits(digits, real)
+        rows.append({"scheduler": scheduler, "steps": steps, "dtype": precision,
+                     "images_per_s": args.num_samples / seconds, **results})  # fmt: skip
+        print(f"{scheduler:>6} {steps:>3} {precision}: FID {results['fid']:.3f}, {rows[-1]['images_per_s']:.1f} img/s")
+    print(f"\n| sampler | steps | dtype | FID | KID | precision | recall | images/s |\n|{' --- |' * 8}")
+    for r in rows:
+        print(f"| {r['scheduler']} | {r['steps']} | {r['dtype']} | {r['fid']:.2f} | {r['kid']:.4f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {r['images_per_s']:.1f} |")  # fmt: skip
+    with open(args.out, "w") as f:
+        json.dump({"model": args.model, "num_samples": args.num_samples, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Training and sampling speed of this project against the way diffusers' example does them, side by side.
+
+    python benchmarks/speed.py --dataset_name ylecun/mnist           # everything, ~15 minutes on 2 CPU cores
+    python benchmarks/speed.py --dataset_name ylecun/mnist --quick   # the two headline ratios, ~5 minutes
+
+Training, images/s of whole optimizer steps (data, forward, backward, clipping, AdamW, EMA) on the default UNet:
+  baseline  diffusers' examples/unconditional_image_generation/train_unconditional.py: PIL images through torchvision
+            Compose([Resize, CenterCrop, ToTensor, Normalize]) per item in a DataLoader, fp32, stock attention, AdamW;
+  ours      train_ddpm.py: slices of a uint8 tensor scaled on the fly, bf16 autocast where the hardware has it, the
+            plain attention processor on CPU, foreach EMA;
+  and, without --quick, one lever at a time on top of ours (fp32, stock attention, channels_last, torch.compile,
+  fused AdamW, batch 256).
+Sampling, images/s: the stock `DDPMPipeline` (50 steps, fp32) against this project's default way
+(`mnist-diffusion sample`), with the same weights.
+Throughput is the median of several timed windows after a warm-up; memory is the peak (CUDA: allocated; CPU: the
+process's resident set). It prints a table, `train_speedup: X` and `sample_speedup: Y`, and writes a JSON.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import datasets
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers.training_utils import EMAModel
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+from pipeline import create_model_and_scheduler
+from pipeline.cli import DEFAULT_SAMPLER, default_mixed_precision, generate, load_pipeline, sampling_precision
+from pipeline.data import load_images
+from train_ddpm import use_fast_attention
+
+LEVERS = ["fp32", "stock attention", "channels_last", "torch.compile", "fused AdamW", "batch 256"]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: reset the peak resident set size (VmHWM)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """Peak memory since the last reset, in MiB (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    return None
+
+
+def throughput(step: Callable[[], int], device: torch.device, warmup: int, windows: int, steps: int) -> dict:
+    """Median images/s over timed windows of `steps` calls of `step` (which returns its image count)."""
+    for _ in range(warmup):
+        step()
+    reset_peak_memory(device)
+    rates = []
+    for _ in range(windows):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start, images = time.perf_counter(), 0
+        for _ in range(steps):
+            images += step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(images / (time.perf_counter() - start))
+    return {"images_per_s": statistics.median(rates), "windows": rates, "peak_memory_mib": peak_memory_mib(device)}
+
+
+def baseline_train_step(dataset_name: str, batch_size: int, device: torch.device, num_workers: int) -> Callable:
+    """One optimizer step as diffusers' train_unconditional.py takes it."""
+    dataset = datasets.load_dataset(dataset_name, split="train")
+    augmentations = transforms.Compose(
+        [
+            transforms.Resize(28, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(28),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+    dataset.set_transform(lambda examples: {"input": [augmentations(im.convert("L")) for im in examples["image"]]})
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True)
+    torch.manual_seed(0)
+    model, scheduler = create_model_and_scheduler()
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=3 / 4)
+    ema.to(device)
+    batches = iter(())
+
+    def step() -> int:
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        clean = batch["input"].to(device)
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), device=device)
+        loss = F.mse_loss(
+            model(scheduler.add_noise(clean, noise, t), t).sample, scheduler.get_velocity(clean, noise, t)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step(model.parameters())
+        return len(clean)
+
+    return step
+
+
+def our_train_step(images: torch.Tensor, batch_size: int, device: torch.device, lever: str | None) -> Callable:
+    """One optimizer step as train_ddpm.py takes it, optionally with one lever changed."""
+    torch.manual_seed(0)
+    model, scheduler = create_model_and_scheduler()
+    model.to(device).train()
+    if lever != "stock attention":
+        use_fast_attention(model, device)
+    memory_format = torch.channels_last if lever == "channels_last" else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    forward = torch.compile(model) if lever == "torch.compile" else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if lever == "fused AdamW" else None)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, power=3 / 4, foreach=True)
+    ema.to(device)
+    precision = "no" if lever == "fp32" else default_mixed_precision()
+    autocast = (
+        torch.autocast(device.type, torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision != "no"
+        else contextlib.nullcontext()
+    )
+    images = images.to(device)
+    generator = torch.Generator().manual_seed(0)
+    position, permutation = len(images), None
+
+    def step() -> int:
+        nonlocal position, permutation
+        if position + batch_size > len(images):
+            permutation, position = torch.randperm(len(images), generator=generator).to(device), 0
+        clean = images[permutation[position : position + batch_size]].float() / 127.5 - 1
+        clean = clean.contiguous(memory_format=memory_format)
+        position += batch_size
+        noise = torch.randn_like(clean)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(clean),), device=device)
+        with autocast:
+            output = forward(scheduler.add_noise(clean, noise, t), t).sample
+        loss = F.mse_loss(output.float(), scheduler.get_velocity(clean, noise, t))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+        return len(clean)
+
+    return step
+
+
+def flops_per_image() -> tuple[float, float]:
+    """FLOPs of the default UNet for one 28x28 image: a training step (forward + backward) and one forward."""
+    model, _ = create_model_and_scheduler()
+    x, t = torch.randn(8, 1, 28, 28), torch.randint(0, 50, (8,))
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).sample.sum().backward()
+    train = counter.get_total_flops() / 8
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t)
+    return train, counter.get_total_flops() / 8
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """Measured FLOP/s of a large square matmul: the practical ceiling for this hardware and dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """Measure, print the table and the two ratios, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset_name", default="ylecun/mnist", help="Hub id or local copy of MNIST.")
+    parser.add_argument("--model", default="pretrained/ddpm-mnist", help="Weights for the sampling comparison.")
+    parser.add_argument("--train_batch_size", type=int, default=128)
+    parser.add_argument("--sample_batch_size", type=int, default=125)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="For the baseline's DataLoader.")
+    parser.add_argument("--quick", action="store_true", help="Baseline and ours only, fewer windows (~5 minutes).")
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    windows, steps = (3, 3) if args.quick else (5, 5)
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "train": {},
+        "sample": {},
+    }
+
+    started = time.perf_counter()
+    images, _ = load_images(args.dataset_name)
+    results["decode_dataset_s"] = time.perf_counter() - started
+    runs = {"baseline": lambda: baseline_train_step(args.dataset_name, args.train_batch_size, device,
+                                                    args.dataloader_num_workers),
+            "ours": lambda: our_train_step(images, args.train_batch_size, device, None)}  # fmt: skip
+    if not args.quick:
+        for lever in LEVERS:
+            batch = 256 if lever == "batch 256" else args.train_batch_size
+            runs[f"ours + {lever}"] = lambda lever=lever, batch=batch: our_train_step(images, batch, device, lever)
+    for name, build in runs.items():
+        warmup = 3 if name != "ours + torch.compile" else 6  # compiling happens in the first calls
+        results["train"][name] = throughput(build(), device, warmup, windows, steps)
+        print(f"train  {name:<24} {results['train'][name]['images_per_s']:8.1f} images/s", flush=True)
+
+    # Sampling: the same weights, the stock pipeline against this project's default way.
+    scheduler_name, num_steps = DEFAULT_SAMPLER
+    ours = load_pipeline(args.model, scheduler_name)
+    stock = DDPMPipeline(unet=ours.unet, scheduler=DDPMScheduler.from_config(ours.scheduler.config))
+    stock.set_progress_bar_config(disable=True)
+    batch = args.sample_batch_size
+    results["sample"]["stock DDPMPipeline, 50 steps, fp32"] = throughput(
+        lambda: len(stock(batch_size=batch, num_inference_steps=50, output_type="np").images), device, 1, windows, 1
+    )
+
+    def our_sampling() -> int:
+        with sampling_precision(ours.device):
+            return len(generate(ours, batch, 0, batch, num_steps, progress=False))
+
+    label = f"ours: {scheduler_name}, {num_steps} steps, {default_mixed_precision()}"
+    results["sample"][label] = throughput(our_sampling, device, 1, windows, 1)
+    for name, figures in results["sample"].items():
+        print(f"sample {name:<40} {figures['images_per_s']:8.1f} images/s", flush=True)
+
+    train_flops, forward_flops = flops_per_image()
+    peaks = {
+        str(dtype).removeprefix("torch."): matmul_peak(device, dtype) for dtype in (torch.float32, torch.bfloat16)
+    }
+    ours_train = results["train"]["ours"]["images_per_s"]
+    results.update(
+        train_gflop_per_image=train_flops / 1e9,
+        forward_gflop_per_image=forward_flops / 1e9,
+        matmul_peak_tflops={k: v / 1e12 for k, v in peaks.items()},
+        train_fraction_of_bf16_peak=ours_train * train_flops / peaks["bfloat16"],
+        train_speedup=ours_train / results["train"]["baseline"]["images_per_s"],
+        sample_speedup=results["sample"][label]["images_per_s"]
+        / results["sample"]["stock DDPMPipeline, 50 steps, fp32"]["images_per_s"],
+    )
+
+    print(f"\n{results['device']}, {results['threads']} threads, torch {results['torch']}")
+    print("| what | images/s | x baseline | peak memory (MiB) |\n| --- | --- | --- | --- |")
+    for kind, reference in (("train", "baseline"), ("sample", "stock DDPMPipeline, 50 steps, fp32")):
+        for name, figures in results[kind].items():
+            memory = f"{figures['peak_memory_mib']:.0f}" if figures["peak_memory_mib"] else "-"
+            ratio = figures["images_per_s"] / results[kind][reference]["images_per_s"]
+            print(f"| {kind}: {name} | {figures['images_per_s']:.1f} | {ratio:.2f} | {memory} |")
+    print(f"\nUNet: {train_flops / 1e9:.2f} GFLOP per image per training step, {forward_flops / 1e9:.2f} per forward")
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
+    print(f"ours trains at {results['train_fraction_of_bf16_peak']:.0%} of the bf16 matmul peak")
+    print(f"train_speedup: {results['train_speedup']:.2f}")
+    print(f"sample_speedup: {results['sample_speedup']:.2f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"Wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
