@@ -194,7 +194,7 @@ def evaluate(args: argparse.Namespace) -> None:
             )  # fmt: skip
     results = evaluate_digits(digits, reference_features(args.dataset_name, args.split), labels)
     if args.model:
-        results.update(scheduler=args.scheduler, steps=sampler_steps(args), precision=args.precision)
+        results.update(scheduler=args.scheduler, steps=sampler_steps(args), sampling_precision=args.precision)
     results.update(model=args.model, samples=args.samples)
     if labels is not None:
         results["guidance_scale"] = args.guidance_scale
