@@ -2,7 +2,7 @@
 """Sample quality against speed: FID (and the rest of `mnist-diffusion evaluate`) for each sampler, step count and
 precision, on one trained pipeline, side by side.
 
-    python benchmarks/samplers.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 2000
+    python benchmarks/samplers.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 1000
 """
 
 import argparse
@@ -16,8 +16,8 @@ from pipeline.cli import generate, load_pipeline
 from pipeline.evaluate import evaluate_digits, reference_features
 
 # (scheduler, steps, precision): 50-step ancestral DDPM in fp32 is the reference the others are measured against.
-SETTINGS = [("ddpm", 50, "fp32"), ("ddpm", 50, "bf16")] + [
-    (scheduler, steps, "bf16") for scheduler in ("ddim", "dpm++") for steps in (10, 20, 25)
+SETTINGS = [("ddpm", 50, "fp32"), ("ddpm", 50, "bf16"), ("ddpm", 25, "bf16")] + [
+    (scheduler, steps, "bf16") for scheduler in ("ddim", "dpm++", "dpm++sde") for steps in (10, 20, 25)
 ]
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pretrained/ddpm-mnist")
     parser.add_argument("--dataset_name", default="ylecun/mnist", help="Real digits (test split) to compare with.")
-    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=125)
     parser.add_argument("--out", default="benchmarks/results/samplers.json")
     args = parser.parse_args()

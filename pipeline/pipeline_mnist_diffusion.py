@@ -260,6 +260,13 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         if guide:  # one UNet call on [conditioned; unconditioned]
             condition = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        last = self.scheduler.config.num_train_timesteps - 1
+        if self.scheduler.timesteps[0] != last:
+            raise ValueError(
+                f"{type(self.scheduler).__name__} would start at timestep {int(self.scheduler.timesteps[0])}, but the "
+                f"model starts from pure noise at {last}: swap it in with `from_config(config, "
+                'timestep_spacing="trailing")`.'
+            )
         image = image * self.scheduler.init_noise_sigma
         # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.
         step_kwargs = (
@@ -336,13 +343,14 @@ class MNISTDiffusionPipeline(DDPMPipeline):
 
     def model_card(self, training_args: dict | None = None) -> ModelCard:
         """A Hub model card: metadata, a sample grid, how to load and sample, and the training settings."""
+        dataset = (training_args or {}).get("dataset_name")
         task = {"none": "unconditional-image-generation", "class": "image-generation", "text": "text-to-image"}
         data = ModelCardData(
             library_name="diffusers",
             license="apache-2.0",
             pipeline_tag=task[self.conditioning],
             tags=[task[self.conditioning], "diffusers", "ddpm", "mnist"],
-            datasets=[training_args["dataset_name"]] if training_args and training_args.get("dataset_name") else None,
+            datasets=[dataset] if dataset and not os.path.exists(dataset) else None,  # Hub ids only, not local paths
         )
         steps = self.scheduler.config.num_train_timesteps
         params = sum(p.numel() for p in self.unet.parameters())

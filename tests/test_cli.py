@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipeline import visualize
-from pipeline.cli import DEFAULT_SAMPLER, SCHEDULERS, generate, main, sampling_precision
+from pipeline.cli import DEFAULT_SAMPLER, generate, main, make_scheduler, sampling_precision
 from pipeline.data import load_images
 
 
@@ -39,7 +39,7 @@ def test_sample_defaults_to_the_recommended_sampler(model_dir, tmp_path, tiny_pi
         ["sample", "--model", str(model_dir), "--num_images", "2", "--out", str(tmp_path / "g.png"), "--npz", str(npz)]
     )
     name, steps = DEFAULT_SAMPLER
-    tiny_pipeline.scheduler = SCHEDULERS[name].from_config(tiny_pipeline.scheduler.config)
+    tiny_pipeline.scheduler = make_scheduler(name, tiny_pipeline.scheduler.config)
     with sampling_precision(torch.device("cpu")):
         expected = generate(tiny_pipeline, 2, 0, 2, steps, progress=False)
     np.testing.assert_array_equal(np.load(npz)["images"], expected)

@@ -101,7 +101,11 @@ def test_other_schedulers_swap_in(tiny_pipeline):
         output_type="np",
         callback_on_step_end=lambda p, i, t, kw: steps.append(t),
     ).images
-    assert images.shape == (2, 28, 28, 1) and len(steps) == 10
+    assert images.shape == (2, 28, 28, 1) and len(steps) == 10 and steps[0] == 49  # from pure noise
+    # A sampler whose spacing starts short of pure noise is refused, not run into garbage.
+    tiny_pipeline.scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="leading")
+    with pytest.raises(ValueError, match='would start at timestep 38.*timestep_spacing="trailing"'):
+        tiny_pipeline(num_inference_steps=20)
 
 
 def test_image_grid_is_nearest_neighbour():
@@ -140,6 +144,9 @@ def test_save_pretrained_writes_a_complete_folder(tiny_pipeline, tmp_path):
     assert "library_name: diffusers" in card and "- unconditional-image-generation" in card and "- mnist" in card
     assert "samples.png" in card and "learning_rate" in card
     assert "hf_s3cr3t" not in "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file())
+    # Hub metadata names Hub datasets, never a local path.
+    assert "- ylecun/mnist" in str(tiny_pipeline.model_card({"dataset_name": "ylecun/mnist"}))
+    assert "datasets:" not in str(tiny_pipeline.model_card({"dataset_name": str(tmp_path)}))
 
 
 def test_reload_three_ways_in_fresh_processes(tiny_pipeline, tmp_path):
