@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import torch
+from accelerate.utils import parse_flag_from_env
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 from tqdm.auto import tqdm
 
@@ -33,7 +34,7 @@ def make_scheduler(name: str, config: dict) -> SchedulerMixin:
 
 def default_mixed_precision() -> str:
     """bf16 where the hardware runs it natively (Ampere+ GPUs, CPUs with AVX512-BF16 or AMX), else no."""
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes"):
+    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     if torch.backends.mps.is_available():
         return "no"
