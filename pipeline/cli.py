@@ -238,7 +238,7 @@ def visualize(args: argparse.Namespace) -> None:
                 reference[name] = float(fid)
             except ValueError:
                 raise ValueError(f"--reference {item!r}: expected NAME=FID, e.g. 'original model=74.8'.") from None
-        figure = pictures.training_figure(args.run, reference)
+        figure = pictures.training_figure(args.run_dir, reference)
         figure.savefig(args.out, dpi=args.dpi, facecolor=figure.get_facecolor())
         print(f"Wrote {args.out}")
         return
@@ -259,7 +259,7 @@ def visualize(args: argparse.Namespace) -> None:
     elif args.picture == "schedule":
         figure = pictures.schedule_figure(pipe.scheduler)
     else:
-        grids = pictures.animation_frames(pipe, args.num_images, args.seed)
+        grids = pictures.animation_frames(pipe, args.num_images, args.seed, args.scale)
         # Hold the finished digits for two seconds before the loop restarts.
         durations = [2000 if i == len(grids) - 1 else 80 for i in range(len(grids))]
         grids[0].save(args.out, save_all=True, append_images=grids[1:], duration=durations, loop=0)
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = pictures.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--out", required=True, help="The PNG (GIF for animation) to write.")
         if name == "training":
-            p.add_argument("--run", required=True, help="A train_ddpm.py --output_dir.")
+            p.add_argument("--run", dest="run_dir", required=True, help="A train_ddpm.py --output_dir.")
             p.add_argument("--reference", nargs="*", default=[], help="FID levels to draw, as NAME=FID.")
             p.add_argument("--dpi", type=positive_int, default=100)
             continue
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--num_frames", type=positive_int, default=11, help="Columns, from t = 0 to T.")
         if name == "animation":
             p.add_argument("--num_images", type=positive_int, default=16)
+            p.add_argument("--scale", type=positive_int, default=3, help="Nearest-neighbour upscaling.")
         if name != "animation":
             p.add_argument("--dpi", type=positive_int, default=100)
     v.set_defaults(run=visualize)

@@ -91,7 +91,7 @@ def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, 
     main(["visualize", picture, "--model", str(model_dir), "--out", str(out), *extra])
     image = Image.open(out)
     if picture == "animation":
-        assert image.n_frames == 51 and image.size == ((2 * 30 + 2) * 4,) * 2  # noise + 50 steps, 2x2 grid
+        assert image.n_frames == 51 and image.size == ((2 * 30 + 2) * 3,) * 2  # noise + 50 steps, 2x2 grid, x3
     elif picture == "schedule":
         assert image.size == (600, 360)
     else:
