@@ -6,13 +6,10 @@ precision, on one trained pipeline, side by side.
 """
 
 import argparse
-import contextlib
 import json
 import time
 
-import torch
-
-from pipeline.cli import generate, load_pipeline
+from pipeline.cli import generate, load_pipeline, sampling_precision
 from pipeline.evaluate import evaluate_digits, reference_features
 
 # (scheduler, steps, precision): 50-step ancestral DDPM in fp32 is the reference the others are measured against.
@@ -35,10 +32,8 @@ def main() -> None:
     rows = []
     for scheduler, steps, precision in SETTINGS:
         pipe = load_pipeline(args.model, scheduler)
-        device = pipe.device.type
-        autocast = torch.autocast(device, torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         start = time.perf_counter()
-        with autocast:
+        with sampling_precision(pipe.device, precision):
             digits = generate(pipe, args.num_samples, 0, args.batch_size, steps)
         seconds = time.perf_counter() - start
         results = evaluate_digits(digits, real)
