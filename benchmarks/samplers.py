@@ -3,19 +3,28 @@
 precision, on one trained pipeline, side by side.
 
     python benchmarks/samplers.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 1000
+    python benchmarks/samplers.py ... --num_samples 5000 --settings ddpm:50:fp32 dpm++sde:20:bf16   # some of them
 """
 
 import argparse
 import json
 import time
 
-from pipeline.cli import generate, load_pipeline, sampling_precision
+from pipeline.cli import SCHEDULERS, generate, load_pipeline, sampling_precision
 from pipeline.evaluate import evaluate_digits, reference_features
 
 # (scheduler, steps, precision): 50-step ancestral DDPM in fp32 is the reference the others are measured against.
 SETTINGS = [("ddpm", 50, "fp32"), ("ddpm", 50, "bf16"), ("ddpm", 25, "bf16")] + [
-    (scheduler, steps, "bf16") for scheduler in ("ddim", "dpm++", "dpm++sde") for steps in (10, 20, 25)
+    (scheduler, steps, "bf16") for scheduler in ("ddim", "dpm++", "dpm++sde") for steps in (10, 18, 20, 25)
 ]
+
+
+def setting(text: str) -> tuple[str, int, str]:
+    """argparse type for "scheduler:steps:dtype", e.g. "dpm++sde:20:bf16"."""
+    scheduler, steps, precision = text.split(":")
+    if scheduler not in SCHEDULERS or precision not in ("fp32", "bf16"):
+        raise argparse.ArgumentTypeError(f"want scheduler:steps:dtype with one of {sorted(SCHEDULERS)} and fp32/bf16")
+    return scheduler, int(steps), precision
 
 
 def main() -> None:
@@ -25,12 +34,13 @@ def main() -> None:
     parser.add_argument("--dataset_name", default="ylecun/mnist", help="Real digits (test split) to compare with.")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--batch_size", type=int, default=125)
+    parser.add_argument("--settings", nargs="+", type=setting, default=SETTINGS, help="Default: the whole table.")
     parser.add_argument("--out", default="benchmarks/results/samplers.json")
     args = parser.parse_args()
 
     real = reference_features(args.dataset_name, "test")
     rows = []
-    for scheduler, steps, precision in SETTINGS:
+    for scheduler, steps, precision in args.settings:
         pipe = load_pipeline(args.model, scheduler)
         start = time.perf_counter()
         with sampling_precision(pipe.device, precision):

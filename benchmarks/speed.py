@@ -13,8 +13,8 @@ Training, images/s of whole optimizer steps (data, forward, backward, clipping, 
   fused AdamW, batch 256).
 Sampling, images/s: the stock `DDPMPipeline` (50 steps, fp32) against this project's default way
 (`mnist-diffusion sample`), with the same weights.
-Throughput is the median of several timed windows after a warm-up; memory is the peak (CUDA: allocated; CPU: the
-process's resident set). It prints a table, `train_speedup: X` and `sample_speedup: Y`, and writes a JSON.
+Throughput is the median of several timed windows after a warm-up, the windows of the runs compared taking turns;
+memory is the peak (CUDA: allocated; CPU: the process's resident set). It prints a table, `train_speedup: X` and `sample_speedup: Y`, and writes a JSON.
 """
 
 import argparse
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.training_utils import EMAModel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
@@ -62,22 +63,33 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return None
 
 
-def throughput(step: Callable[[], int], device: torch.device, warmup: int, windows: int, steps: int) -> dict:
-    """Median images/s over timed windows of `steps` calls of `step` (which returns its image count)."""
-    for _ in range(warmup):
-        step()
-    reset_peak_memory(device)
-    rates = []
+def throughputs(
+    steps: dict[str, Callable[[], int]], device: torch.device, warmup: dict[str, int], windows: int, calls: int
+) -> dict[str, dict]:
+    """Median images/s of each `steps[name]` (a callable returning its image count) over timed windows of `calls` calls.
+
+    The windows of all steps take turns, so that drifts of a shared, noisy machine hit each of them alike."""
+    for name, step in steps.items():
+        for _ in range(warmup[name]):
+            step()
+    rates, peaks = {name: [] for name in steps}, dict.fromkeys(steps)
     for _ in range(windows):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, images = time.perf_counter(), 0
-        for _ in range(steps):
-            images += step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(images / (time.perf_counter() - start))
-    return {"images_per_s": statistics.median(rates), "windows": rates, "peak_memory_mib": peak_memory_mib(device)}
+        for name, step in steps.items():
+            reset_peak_memory(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, images = time.perf_counter(), 0
+            for _ in range(calls):
+                images += step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name].append(images / (time.perf_counter() - start))
+            peak = peak_memory_mib(device)
+            peaks[name] = max(peaks[name] or 0, peak) if peak is not None else None
+    return {
+        name: {"images_per_s": statistics.median(rates[name]), "windows": rates[name], "peak_memory_mib": peaks[name]}
+        for name in steps
+    }
 
 
 def baseline_train_step(dataset_name: str, batch_size: int, device: torch.device, num_workers: int) -> Callable:
@@ -168,16 +180,28 @@ def our_train_step(images: torch.Tensor, batch_size: int, device: torch.device, 
     return step
 
 
-def flops_per_image() -> tuple[float, float]:
-    """FLOPs of the default UNet for one 28x28 image: a training step (forward + backward) and one forward."""
+def flops_per_image() -> tuple[float, float, float]:
+    """FLOPs of the default UNet for one 28x28 image: a training step, its convolutions alone, and one forward."""
     model, _ = create_model_and_scheduler()
     x, t = torch.randn(8, 1, 28, 28), torch.randint(0, 50, (8,))
     with FlopCounterMode(display=False) as counter:
         model(x, t).sample.sum().backward()
     train = counter.get_total_flops() / 8
+    convolutions = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)) / 8
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, t)
-    return train, counter.get_total_flops() / 8
+    return train, convolutions, counter.get_total_flops() / 8
+
+
+def convolution_share(step: Callable[[], int], device: torch.device) -> float:
+    """Fraction of a training step's time spent in convolutions, forward and backward (torch.profiler, 3 steps)."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+    own_time = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    return sum(getattr(e, own_time) for e in events if "conv" in e.key) / sum(getattr(e, own_time) for e in events)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -227,10 +251,12 @@ def main() -> None:
         for lever in LEVERS:
             batch = 256 if lever == "batch 256" else args.train_batch_size
             runs[f"ours + {lever}"] = lambda lever=lever, batch=batch: our_train_step(images, batch, device, lever)
-    for name, build in runs.items():
-        warmup = 3 if name != "ours + torch.compile" else 6  # compiling happens in the first calls
-        results["train"][name] = throughput(build(), device, warmup, windows, steps)
-        print(f"train  {name:<24} {results['train'][name]['images_per_s']:8.1f} images/s", flush=True)
+    # torch.compile compiles in its first calls.
+    warmup = {name: 6 if name == "ours + torch.compile" else 3 for name in runs}
+    train_steps = {name: build() for name, build in runs.items()}
+    results["train"] = throughputs(train_steps, device, warmup, windows, steps)
+    for name, figures in results["train"].items():
+        print(f"train  {name:<24} {figures['images_per_s']:8.1f} images/s", flush=True)
 
     # Sampling: the same weights, the stock pipeline against this project's default way.
     scheduler_name, num_steps = DEFAULT_SAMPLER
@@ -238,20 +264,24 @@ def main() -> None:
     stock = DDPMPipeline(unet=ours.unet, scheduler=DDPMScheduler.from_config(ours.scheduler.config))
     stock.set_progress_bar_config(disable=True)
     batch = args.sample_batch_size
-    results["sample"]["stock DDPMPipeline, 50 steps, fp32"] = throughput(
-        lambda: len(stock(batch_size=batch, num_inference_steps=50, output_type="np").images), device, 1, windows, 1
-    )
 
     def our_sampling() -> int:
         with sampling_precision(ours.device):
             return len(generate(ours, batch, 0, batch, num_steps, progress=False))
 
     label = f"ours: {scheduler_name}, {num_steps} steps, {default_mixed_precision()}"
-    results["sample"][label] = throughput(our_sampling, device, 1, windows, 1)
+    sampling = {
+        "stock DDPMPipeline, 50 steps, fp32": lambda: len(
+            stock(batch_size=batch, num_inference_steps=50, output_type="np").images
+        ),
+        label: our_sampling,
+    }
+    results["sample"] = throughputs(sampling, device, dict.fromkeys(sampling, 1), windows, 1)
     for name, figures in results["sample"].items():
         print(f"sample {name:<40} {figures['images_per_s']:8.1f} images/s", flush=True)
 
-    train_flops, forward_flops = flops_per_image()
+    train_flops, convolution_flops, forward_flops = flops_per_image()
+    share = convolution_share(train_steps["ours"], device)
     peaks = {
         str(dtype).removeprefix("torch."): matmul_peak(device, dtype) for dtype in (torch.float32, torch.bfloat16)
     }
@@ -261,6 +291,10 @@ def main() -> None:
         forward_gflop_per_image=forward_flops / 1e9,
         matmul_peak_tflops={k: v / 1e12 for k, v in peaks.items()},
         train_fraction_of_bf16_peak=ours_train * train_flops / peaks["bfloat16"],
+        # Convolutions are 98 % of the FLOPs: their speed bounds ours even if everything else took no time.
+        convolution_share_of_train_time=share,
+        convolution_fraction_of_bf16_peak=ours_train * convolution_flops / share / peaks["bfloat16"],
+        train_speedup_if_only_convolutions=ours_train / share / results["train"]["baseline"]["images_per_s"],
         train_speedup=ours_train / results["train"]["baseline"]["images_per_s"],
         sample_speedup=results["sample"][label]["images_per_s"]
         / results["sample"]["stock DDPMPipeline, 50 steps, fp32"]["images_per_s"],
@@ -276,6 +310,10 @@ def main() -> None:
     print(f"\nUNet: {train_flops / 1e9:.2f} GFLOP per image per training step, {forward_flops / 1e9:.2f} per forward")
     print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
     print(f"ours trains at {results['train_fraction_of_bf16_peak']:.0%} of the bf16 matmul peak")
+    print(
+        f"convolutions take {share:.0%} of ours' step, at {results['convolution_fraction_of_bf16_peak']:.0%} of the "
+        f"bf16 peak; with all else free, ours would be {results['train_speedup_if_only_convolutions']:.2f}x the baseline"
+    )
     print(f"train_speedup: {results['train_speedup']:.2f}")
     print(f"sample_speedup: {results['sample_speedup']:.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
