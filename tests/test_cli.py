@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipeline import visualize
-from pipeline.cli import DEFAULT_SAMPLER, generate, main, make_scheduler, sampling_precision
+from pipeline.cli import DEFAULT_SAMPLER, SCHEDULERS, generate, main, make_scheduler, sampling_precision
 from pipeline.data import load_images
 
 
@@ -46,6 +46,15 @@ def test_sample_defaults_to_the_recommended_sampler(model_dir, tmp_path, tiny_pi
     main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "ddim"]
          + ["--num_inference_steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
     assert not np.array_equal(np.load(npz)["images"], expected)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_sampler_starts_from_pure_noise_at_any_step_count(name, tiny_pipeline):
+    scheduler = make_scheduler(name, tiny_pipeline.scheduler.config)
+    last = tiny_pipeline.scheduler.config.num_train_timesteps - 1
+    for steps in range(1, last + 2):
+        scheduler.set_timesteps(steps)
+        assert int(scheduler.timesteps[0]) == last, (steps, scheduler.timesteps)
 
 
 def test_forward_frames_start_at_the_digit_and_end_in_noise(mnist_dir, tiny_pipeline):
