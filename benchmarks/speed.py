@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training and sampling speed of this project against the way diffusers' example does them, side by side.
 
-    python benchmarks/speed.py --dataset_name ylecun/mnist           # everything, ~15 minutes on 2 CPU cores
-    python benchmarks/speed.py --dataset_name ylecun/mnist --quick   # the two headline ratios, ~5 minutes
+    python benchmarks/speed.py --dataset_name ylecun/mnist           # everything, ~7 minutes on 2 CPU cores
+    python benchmarks/speed.py --dataset_name ylecun/mnist --quick   # the two headline ratios, ~2 minutes
 
 Training, images/s of whole optimizer steps (data, forward, backward, clipping, AdamW, EMA) on the default UNet:
   baseline  diffusers' examples/unconditional_image_generation/train_unconditional.py: PIL images through torchvision
@@ -13,12 +13,16 @@ Training, images/s of whole optimizer steps (data, forward, backward, clipping, 
   fused AdamW, batch 256).
 Sampling, images/s: the stock `DDPMPipeline` (50 steps, fp32) against this project's default way
 (`mnist-diffusion sample`), with the same weights.
-Throughput is the median of several timed windows after a warm-up, the windows of the runs compared taking turns;
-memory is the peak (CUDA: allocated; CPU: the process's resident set). It prints a table, `train_speedup: X` and `sample_speedup: Y`, and writes a JSON.
+Throughput is the median of several timed windows after a warm-up, the windows of the runs compared taking turns
+and glibc told to keep freed memory (so that no run re-faults pages the others do not); memory is the peak (CUDA:
+allocated; CPU: the process's resident set). It prints a table, `train_speedup: X` and `sample_speedup: Y`, and
+writes a JSON.
 """
 
 import argparse
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -90,6 +94,19 @@ def throughputs(
         name: {"images_per_s": statistics.median(rates[name]), "windows": rates[name], "peak_memory_mib": peaks[name]}
         for name in steps
     }
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing freed memory back to the OS between steps (a no-op elsewhere).
+
+    Otherwise each run's speed depends on the heap the runs before it left: the fp32 baseline, whose buffers are
+    the largest, measured 79 images/s with two runs in the process and 138 with eight, from re-faulting its pages."""
+    libc = ctypes.util.find_library("c")
+    if libc is None or not hasattr(ctypes.CDLL(libc), "mallopt"):
+        return
+    mallopt = ctypes.CDLL(libc).mallopt
+    mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve buffers up to 1 GiB from the heap, not fresh mappings
 
 
 def baseline_train_step(dataset_name: str, batch_size: int, device: torch.device, num_workers: int) -> Callable:
@@ -231,6 +248,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep_freed_memory()
     windows, steps = (3, 3) if args.quick else (5, 5)
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
