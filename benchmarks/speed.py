@@ -102,9 +102,9 @@ def keep_freed_memory() -> None:
     Otherwise each run's speed depends on the heap the runs before it left: the fp32 baseline, whose buffers are
     the largest, measured 79 images/s with two runs in the process and 138 with eight, from re-faulting its pages."""
     libc = ctypes.util.find_library("c")
-    if libc is None or not hasattr(ctypes.CDLL(libc), "mallopt"):
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is None:
         return
-    mallopt = ctypes.CDLL(libc).mallopt
     mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
     mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve buffers up to 1 GiB from the heap, not fresh mappings
 
