@@ -25,7 +25,6 @@ import datasets
 import diffusers
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -37,9 +36,10 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
-from pipeline.cli import default_mixed_precision, generate
+from pipeline.cli import DEFAULT_SAMPLER, default_mixed_precision, generate, make_scheduler
 from pipeline.data import load_images
 from pipeline.evaluate import evaluate_digits, reference_features
+from pipeline.loss import DiffusionLoss
 from pipeline.model import CAPTION_TEMPLATES, NUM_CLASSES, captions
 
 logger = get_logger(__name__)
@@ -117,6 +117,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--adam_weight_decay", type=float, default=0.0)
     train.add_argument("--adam_epsilon", type=float, default=1e-8)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument(
+        "--weighting_scheme",
+        default="none",
+        choices=["none", "logit_normal", "mode"],
+        help="How training timesteps are drawn: uniformly, or from one of SD3's densities over noise levels.",
+    )
+    train.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal density.")
+    train.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal density.")
+    train.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode density.")
+    train.add_argument(
+        "--snr_gamma", type=float, default=None, help="Min-SNR weighting: cap the weight of steps with SNR above this."
+    )
+    train.add_argument(
+        "--immiscible_noise",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Pair each image with a near noise draw within its batch (Immiscible Diffusion).",
+    )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
     train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
     train.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
@@ -416,6 +434,20 @@ def main(args: argparse.Namespace) -> None:
             foreach=True,
         )
 
+    loss_fn = DiffusionLoss(
+        noise_scheduler,
+        weighting_scheme=args.weighting_scheme,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        mode_scale=args.mode_scale,
+        snr_gamma=args.snr_gamma,
+        immiscible=args.immiscible_noise,
+        condition_dropout=args.condition_dropout,
+    )
+    null_condition = {"class_labels": torch.tensor(NUM_CLASSES, device=device)}  # the "no label" token
+    if args.conditioning == "text":
+        null_condition = {"encoder_hidden_states": empty_state}
+
     # Checkpoints hold what `save_state` saves (weights, optimizer, LR schedule, RNG) plus the EMA weights
     # (safetensors, the diffusers way) and the model config that resuming checks against.
     def save_model_hook(models: list, weights: list, output_dir: str) -> None:
@@ -491,7 +523,14 @@ def main(args: argparse.Namespace) -> None:
                 # Conditional models are asked for 0..9 in turn and scored on whether they drew what was asked.
                 wanted = np.arange(args.eval_num_samples) % NUM_CLASSES if args.conditioning != "none" else None
                 with accelerator.autocast():  # sample in the training precision: bf16 is ~2x faster on this CPU
-                    digits = generate(pipeline, args.eval_num_samples, seed=0, batch_size=125, labels=wanted)
+                    # Scored the way `mnist-diffusion evaluate` scores a saved model: its default sampler.
+                    sampler, steps = DEFAULT_SAMPLER
+                    scorer = MNISTDiffusionPipeline(
+                        unwrapped, make_scheduler(sampler, noise_scheduler.config), text_encoder, tokenizer
+                    )
+                    digits = generate(
+                        scorer, args.eval_num_samples, seed=0, batch_size=125, num_inference_steps=steps, labels=wanted
+                    )
                 results = evaluate_digits(digits, real_features, wanted)
                 accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=global_step)
                 with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
@@ -507,7 +546,6 @@ def main(args: argparse.Namespace) -> None:
                 )
             unwrapped.train()
 
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
@@ -543,32 +581,19 @@ def main(args: argparse.Namespace) -> None:
                      + accelerator.process_index) * args.train_batch_size  # fmt: skip
             batch = permutation[start : start + args.train_batch_size]
             clean_images = images[batch].float() / 127.5 - 1
-            # Noise and timesteps depend on (seed, step, micro-batch, process) alone: resuming is exact.
+            # Noise, timesteps and dropped conditions depend on (seed, step, micro-batch, process) alone: resuming is exact.
             generator = torch.Generator(device).manual_seed(
                 seed_for(args.seed, 1, global_step, micro_step, accelerator.process_index)
             )
-            noise = torch.randn(clean_images.shape, generator=generator, device=device)
-            timesteps = torch.randint(0, num_train_timesteps, (len(clean_images),), generator=generator, device=device)
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
-            if args.prediction_type == "epsilon":
-                target = noise
-            elif args.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
-            else:
-                target = clean_images
             condition = {}
-            if args.conditioning != "none":
-                dropped = torch.rand(len(batch), generator=generator, device=device) < args.condition_dropout
-                if args.conditioning == "class":
-                    condition["class_labels"] = labels[batch].masked_fill(dropped, NUM_CLASSES)  # the "no label" token
-                else:
-                    template = torch.randint(len(CAPTION_TEMPLATES), (len(batch),), generator=generator, device=device)
-                    states = caption_states[labels[batch], template]
-                    condition["encoder_hidden_states"] = torch.where(dropped[:, None, None], empty_state, states)
+            if args.conditioning == "class":
+                condition["class_labels"] = labels[batch]
+            elif args.conditioning == "text":
+                template = torch.randint(len(CAPTION_TEMPLATES), (len(batch),), generator=generator, device=device)
+                condition["encoder_hidden_states"] = caption_states[labels[batch], template]
 
             with accelerator.accumulate(model):
-                model_output = model(noisy_images, timesteps, **condition).sample
-                loss = F.mse_loss(model_output.float(), target)
+                loss = loss_fn(model, clean_images, generator, condition, null_condition)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
