@@ -9,17 +9,12 @@ The result is a `MNISTDiffusionPipeline` folder in `--output_dir` (EMA weights),
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import math
 import os
-import re
-import shutil
 import signal
 import sys
-import time
-from collections.abc import Iterator
 
 import datasets
 import diffusers
@@ -28,24 +23,35 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers.models.attention_processor import Attention, AttnProcessor
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from huggingface_hub import create_repo
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
-from pipeline.cli import DEFAULT_SAMPLER, default_mixed_precision, generate, make_scheduler
 from pipeline.data import load_images
 from pipeline.evaluate import evaluate_digits, reference_features
 from pipeline.loss import DiffusionLoss
-from pipeline.model import CAPTION_TEMPLATES, NUM_CLASSES, captions
+from pipeline.model import NUM_CLASSES, caption_states, load_text_encoder
+from pipeline.pipeline_mnist_diffusion import to_uint8
+from pipeline.sampling import DEFAULT_SAMPLER, default_mixed_precision, digit_cycle, generate, make_scheduler
+from pipeline.training import (
+    CHECKPOINT_CONFIG,
+    StopSignals,
+    TrainingClock,
+    checkpoint_step,
+    ema_weights,
+    epoch_permutation,
+    find_checkpoint,
+    micro_batch_slice,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    seed_for,
+    use_plain_attention,
+)
 
 logger = get_logger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
-CHECKPOINT_CONFIG = "model_config.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--seed", type=int, default=0, help="Seeds the weights, the data order and the noise.")
     train.add_argument("--train_batch_size", type=int, default=128, help="Batch size per device.")
     train.add_argument("--eval_batch_size", type=int, default=64, help="Digits in each saved sample grid.")
-    train.add_argument("--num_epochs", type=int, default=5, help="5 epochs: ~25 minutes on a 2-core CPU.")
+    train.add_argument("--num_epochs", type=int, default=5, help="Passes over the data.")
     train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=1e-3)
@@ -181,104 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def find_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint in `output_dir`, or None."""
-    steps = (
-        [int(m[1]) for d in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.fullmatch(d))]
-        if os.path.isdir(output_dir)
-        else []
-    )
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
-def comparable(config: dict) -> dict:
-    """A config as JSON would store it, without diffusers' private keys (version, class name, path)."""
-    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
-
-
-def check_same_config(saved: dict, current: dict, what: str) -> None:
-    """Refuse to mix a saved model with a differently configured one."""
-    saved, current = comparable(saved), comparable(current)
-    diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-    if diff:
-        changes = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in diff[:4])
-        raise ValueError(
-            f"{what} holds a differently configured model ({changes}). Train with the same "
-            "--model_config_name_or_path / --prediction_type, or use a new --output_dir."
-        )
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
-    """`accelerator.save_state` into a temporary folder that becomes `checkpoint-{step}` only once complete."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    partial = os.path.join(output_dir, f"partial-checkpoint-{step}")
-    if accelerator.is_main_process:
-        if os.path.exists(partial):
-            shutil.rmtree(partial)  # left by a run that died while saving
-        os.makedirs(partial)
-    accelerator.wait_for_everyone()  # the folder exists before any process writes into it
-    try:
-        accelerator.save_state(partial)
-        accelerator.wait_for_everyone()  # every process has written its part (each writes its own RNG state)
-        if accelerator.is_main_process:
-            for root, _, files in os.walk(partial):
-                for name in files:
-                    with open(os.path.join(root, name), "rb+") as f:
-                        os.fsync(f.fileno())
-    except OSError as e:  # disk full, quota, permissions: keep what was saved before, say what happened
-        shutil.rmtree(partial, ignore_errors=True)
-        earlier = find_checkpoint(output_dir)
-        raise OSError(
-            f"Could not write checkpoint-{step} in {output_dir} ({e.strerror or e}). "
-            + (f"{os.path.basename(earlier)} is intact: " if earlier else "")
-            + "free space or fix permissions, then resume with --resume_from_checkpoint latest."
-        ) from e
-    if accelerator.is_main_process:
-        if os.path.exists(final):  # resumed from an earlier checkpoint and reached this step again
-            shutil.rmtree(final)
-        os.replace(partial, final)  # atomic: `latest` never sees a half-written checkpoint
-        dir_fd = os.open(output_dir, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-        if total_limit is not None:
-            steps = sorted(int(m[1]) for d in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.fullmatch(d)))
-            for old in steps[:-total_limit]:
-                shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
-    accelerator.wait_for_everyone()
-    return final
-
-
-def use_fast_attention(model: torch.nn.Module, device: torch.device) -> None:
-    """On CPU, swap scaled_dot_product_attention for the plain matmul-softmax processor."""
-    if device.type == "cpu":
-        # PyTorch's CPU flash-attention backward is slow on these short (7x7 = 49 token) bf16 sequences: the plain
-        # processor trains the default UNet ~1.5x faster here (benchmarks/speed.py).
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.set_processor(AttnProcessor())
-
-
-def seed_for(*keys: int) -> int:
-    """A well-mixed seed derived from integers, so every step's randomness is a pure function of (seed, step)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
-
-
-@contextlib.contextmanager
-def ema_weights(model: torch.nn.Module, ema_model: EMAModel | None) -> Iterator[None]:
-    """Temporarily swap the EMA weights into `model` (no-op without EMA)."""
-    if ema_model is None:
-        yield
-        return
-    ema_model.store(model.parameters())
-    ema_model.copy_to(model.parameters())
-    try:
-        yield
-    finally:
-        ema_model.restore(model.parameters())
-
-
-def main(args: argparse.Namespace) -> None:
-    """Train, checkpoint, and save the pipeline to `args.output_dir`."""
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The Accelerator for this run, in the precision asked for or the best one the hardware runs natively."""
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or default_mixed_precision()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -290,84 +200,18 @@ def main(args: argparse.Namespace) -> None:
         # The LR schedule counts optimizer steps, whatever the number of processes.
         step_scheduler_with_optimizer=False,
     )
-    device = accelerator.device
-    if mixed_precision == "fp16" and device.type == "cpu":
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
-    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if mixed_precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("This GPU cannot do bf16; use --mixed_precision fp16 or no.")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    if not accelerator.is_local_main_process:  # one copy of each library warning is enough
-        datasets.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-    set_seed(args.seed)
-    training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    return accelerator
 
-    # Model, and the checks that protect what is already in --output_dir, before any data is read.
-    text_encoder = tokenizer = None
-    if args.conditioning == "text":
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(args.text_encoder, cache_dir=args.cache_dir)
-            text_encoder = CLIPTextModel.from_pretrained(args.text_encoder, cache_dir=args.cache_dir)
-        except OSError as e:
-            raise ValueError(
-                f"Could not load the text encoder {args.text_encoder!r} ({str(e).splitlines()[0]}). --text_encoder "
-                "takes a Hub id or a folder holding a CLIP text model and its tokenizer."
-            ) from e
-        text_encoder.requires_grad_(False).eval().to(device)
-    model, noise_scheduler = create_model_and_scheduler(
-        args.resolution or 28,
-        args.prediction_type,
-        args.model_config_name_or_path,
-        args.conditioning,
-        text_encoder.config.hidden_size if text_encoder is not None else None,
-    )
-    model_cls = type(model)
-    model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
-    use_fast_attention(model, device)
-    for component, file in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
-        saved = os.path.join(args.output_dir, component, file)
-        if os.path.isfile(saved):
-            with open(saved) as f:
-                check_same_config(json.load(f), model_config[component], f"--output_dir {args.output_dir}")
-    resume_path = None
-    if args.resume_from_checkpoint == "latest":
-        resume_path = find_checkpoint(args.output_dir)
-        if resume_path is None:
-            accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
-    elif args.resume_from_checkpoint is not None:
-        resume_path = args.resume_from_checkpoint
-        if not os.path.isdir(resume_path) or not CHECKPOINT_PATTERN.fullmatch(os.path.basename(resume_path)):
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint {resume_path!r} is not a checkpoint-N folder; "
-                "use 'latest' or one of the checkpoint-N folders in --output_dir."
-            )
-    elif find_checkpoint(args.output_dir):
-        raise ValueError(
-            f"--output_dir {args.output_dir} already holds {os.path.basename(find_checkpoint(args.output_dir))}. "
-            "Continue it with --resume_from_checkpoint latest, or train into a new --output_dir."
-        )
-    if resume_path is not None:
-        try:
-            with open(os.path.join(resume_path, CHECKPOINT_CONFIG)) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"Checkpoint {resume_path} is incomplete or corrupt ({e}).") from e
-        for component in ("unet", "scheduler"):
-            check_same_config(saved[component], model_config[component], f"Checkpoint {resume_path}")
-    if accelerator.is_main_process and os.path.isdir(args.output_dir):
-        for name in os.listdir(args.output_dir):  # half-written by a run that was killed while saving
-            if name.startswith("partial-checkpoint-"):
-                shutil.rmtree(os.path.join(args.output_dir, name))
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_repo(
-            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-            exist_ok=True,
-            private=args.hub_private_repo,
-            token=args.hub_token,
-        ).repo_id
 
-    # Data: decoded once into a uint8 tensor on the device; batches are slices of a per-epoch permutation.
-    with accelerator.main_process_first():
+def load_data(
+    args: argparse.Namespace, accelerator: Accelerator, size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training images `(N, 1, size, size)` uint8 and, for conditional training, their labels, on the device."""
+    with accelerator.main_process_first():  # the main process decodes and caches, the others read the cache
         images, labels = load_images(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
@@ -378,39 +222,25 @@ def main(args: argparse.Namespace) -> None:
             label_column=args.label_column,
             max_train_samples=args.max_train_samples,
             resolution=args.resolution,
-            size=model.config.sample_size,
+            size=size,
             num_proc=args.dataloader_num_workers,
         )
-    images = images.to(device)
-    if args.conditioning != "none":
-        if labels is None:
-            raise ValueError(
-                f"--conditioning {args.conditioning} needs digit labels, and the dataset has no label column: "
-                "name it with --label_column."
-            )
-        if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-            raise ValueError(f"--conditioning needs labels 0..{NUM_CLASSES - 1}; the dataset has {labels.unique()}.")
-        labels = labels.to(device)
-    if args.conditioning == "text":
-        # The encoder is frozen: every caption's hidden states are computed once, here, not at every step.
-        with torch.no_grad():
-            encoder = MNISTDiffusionPipeline(model, noise_scheduler, text_encoder, tokenizer)
-            caption_states = torch.stack([encoder.encode_prompt(captions(d)) for d in range(NUM_CLASSES)])
-            empty_state = encoder.encode_prompt([""])
-    real_features = None
-    if args.eval_epochs and accelerator.is_main_process:  # now, so that a missing split fails before training
-        real_features = reference_features(args.dataset_name, args.eval_split, args.cache_dir)
-    micro_batches_per_step = args.gradient_accumulation_steps * accelerator.num_processes
-    global_batch_size = args.train_batch_size * micro_batches_per_step
-    steps_per_epoch = len(images) // global_batch_size
-    if steps_per_epoch == 0:
+    if args.conditioning == "none":
+        return images.to(accelerator.device), None
+    if labels is None:
         raise ValueError(
-            f"The dataset has {len(images)} images, fewer than one global batch of {global_batch_size} "
-            "(train_batch_size x gradient_accumulation_steps x processes). Lower --train_batch_size."
+            f"--conditioning {args.conditioning} needs digit labels, and the dataset has no label column: "
+            "name it with --label_column."
         )
-    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"--conditioning needs labels 0..{NUM_CLASSES - 1}; the dataset has {labels.unique()}.")
+    return images.to(accelerator.device), labels.to(accelerator.device)
 
+
+def make_optimization(
+    args: argparse.Namespace, model: torch.nn.Module, max_train_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, EMAModel | None]:
+    """AdamW, its warm-up and decay, and the EMA of the weights (None without --use_ema)."""
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -429,11 +259,130 @@ def main(args: argparse.Namespace) -> None:
             use_ema_warmup=True,
             inv_gamma=args.ema_inv_gamma,
             power=args.ema_power,
-            model_cls=model_cls,
+            model_cls=type(model),
             model_config=model.config,
             foreach=True,
         )
+    return optimizer, lr_scheduler, ema_model
 
+
+def save_outputs(
+    pipeline: MNISTDiffusionPipeline,
+    ema_model: EMAModel | None,
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    training_args: dict,
+    record: dict,
+    save_images: bool,
+    save_model: bool,
+    real_features: np.ndarray | None = None,
+    push_to: str | None = None,
+) -> None:
+    """With the EMA weights: a sample grid, scores (given the real features), the pipeline, a Hub upload."""
+    unet = pipeline.unet
+    with ema_weights(unet, ema_model):
+        unet.eval()
+        if save_images:
+            digits = to_uint8(
+                pipeline(
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="np",
+                    **pipeline.example_conditions(args.eval_batch_size),
+                ).images
+            )
+            image_grid(digits).save(os.path.join(args.output_dir, "samples", f"epoch_{record['epoch']:04d}.png"))
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("samples", digits[:, None], record["epoch"], dataformats="NCHW")
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.log({"samples": [wandb.Image(d) for d in digits]}, step=record["step"])
+        if real_features is not None:
+            # Scored the way `mnist-diffusion evaluate` scores a saved model, with its default sampler; conditional
+            # models are asked for 0..9 in turn and scored on whether they drew what was asked.
+            sampler, steps = DEFAULT_SAMPLER
+            scorer = MNISTDiffusionPipeline(
+                **{**pipeline.components, "scheduler": make_scheduler(sampler, pipeline.scheduler.config)}
+            )
+            wanted = digit_cycle(args.eval_num_samples) if pipeline.conditioning != "none" else None
+            with accelerator.autocast():
+                digits = generate(scorer, args.eval_num_samples, 0, 125, steps, wanted, progress=False)
+            results = evaluate_digits(digits, real_features, wanted)
+            accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=record["step"])
+            with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({**record, **results}) + "\n")
+            logger.info(f"Step {record['step']}: FID {results['fid']:.2f} on {len(digits)} samples")
+        if save_model:
+            pipeline.save_pretrained(args.output_dir, training_args=training_args)
+        if push_to is not None:
+            pipeline.push_to_hub(
+                push_to, training_args=training_args, token=args.hub_token, commit_message="End of training"
+            )
+        unet.train()
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train, checkpoint, and save the pipeline to `args.output_dir`."""
+    accelerator = make_accelerator(args)
+    device = accelerator.device
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:  # one copy of each library warning is enough
+        datasets.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
+
+    # The model, and the checks that protect what is already in --output_dir, before any data is read.
+    text_encoder = tokenizer = None
+    if args.conditioning == "text":
+        text_encoder, tokenizer = load_text_encoder(args.text_encoder, args.cache_dir)
+        text_encoder.to(device)
+    model, noise_scheduler = create_model_and_scheduler(
+        args.resolution or 28,
+        args.prediction_type,
+        args.model_config_name_or_path,
+        args.conditioning,
+        text_encoder.config.hidden_size if text_encoder is not None else None,
+    )
+    model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
+    use_plain_attention(model, device)
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, model_config)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
+    if accelerator.is_main_process:
+        remove_partial_checkpoints(args.output_dir)
+    repo_id = None
+    if args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_repo(
+            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            exist_ok=True,
+            private=args.hub_private_repo,
+            token=args.hub_token,
+        ).repo_id
+
+    # Data: decoded once into a uint8 tensor on the device; batches are slices of a per-epoch permutation.
+    images, labels = load_data(args, accelerator, model.config.sample_size)
+    null_condition = {"class_labels": torch.tensor(NUM_CLASSES, device=device)}  # the "no label" token
+    if args.conditioning == "text":
+        # The encoder is frozen: every caption's states are computed once, here, not at every step.
+        captions, empty = caption_states(MNISTDiffusionPipeline(model, noise_scheduler, text_encoder, tokenizer))
+        null_condition = {"encoder_hidden_states": empty}
+    real_features = None
+    if args.eval_epochs and accelerator.is_main_process:  # now, so that a missing split fails before training
+        real_features = reference_features(args.dataset_name, args.eval_split, args.cache_dir)
+    global_batch_size = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    steps_per_epoch = len(images) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"The dataset has {len(images)} images, fewer than one global batch of {global_batch_size} "
+            "(train_batch_size x gradient_accumulation_steps x processes). Lower --train_batch_size."
+        )
+    max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+
+    # Optimizer, LR schedule, EMA and the objective.
+    optimizer, lr_scheduler, ema_model = make_optimization(args, model, max_train_steps)
     loss_fn = DiffusionLoss(
         noise_scheduler,
         weighting_scheme=args.weighting_scheme,
@@ -444,9 +393,6 @@ def main(args: argparse.Namespace) -> None:
         immiscible=args.immiscible_noise,
         condition_dropout=args.condition_dropout,
     )
-    null_condition = {"class_labels": torch.tensor(NUM_CLASSES, device=device)}  # the "no label" token
-    if args.conditioning == "text":
-        null_condition = {"encoder_hidden_states": empty_state}
 
     # Checkpoints hold what `save_state` saves (weights, optimizer, LR schedule, RNG) plus the EMA weights
     # (safetensors, the diffusers way) and the model config that resuming checks against.
@@ -460,7 +406,7 @@ def main(args: argparse.Namespace) -> None:
     def load_model_hook(models: list, input_dir: str) -> None:
         if ema_model is not None:
             ema_model.load_state_dict(
-                EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls).state_dict()
+                EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(model)).state_dict()
             )
             ema_model.to(device)
 
@@ -469,7 +415,6 @@ def main(args: argparse.Namespace) -> None:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema_model is not None:
         ema_model.to(device)
-
     global_step = 0
     if resume_path is not None:
         try:
@@ -479,7 +424,7 @@ def main(args: argparse.Namespace) -> None:
                 f"Checkpoint {resume_path} could not be loaded ({type(e).__name__}: {e}). It is corrupt or incomplete: "
                 "resume from an earlier checkpoint-N folder instead."
             ) from e
-        global_step = int(CHECKPOINT_PATTERN.fullmatch(os.path.basename(resume_path))[1])
+        global_step = checkpoint_step(resume_path)
         accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
 
     if accelerator.is_main_process:
@@ -493,95 +438,28 @@ def main(args: argparse.Namespace) -> None:
         main_process_only=True,
     )
 
+    # The loop. Everything random in a step is a function of (seed, step, micro-batch, process): resuming is exact.
     unwrapped = accelerator.unwrap_model(model)
-
-    def publish(
-        epochs_done: int, save_images: bool, save_model: bool, evaluate: bool, train_minutes: float, push: bool = False
-    ) -> None:
-        """Save a sample grid (also to the trackers), score samples, save the pipeline and push it; EMA weights,
-        main process only."""
-        pipeline = MNISTDiffusionPipeline(unwrapped, noise_scheduler, text_encoder, tokenizer)
-        pipeline.set_progress_bar_config(disable=True)
-        with ema_weights(unwrapped, ema_model):
-            unwrapped.eval()
-            if save_images:
-                digits = pipeline(
-                    generator=torch.Generator().manual_seed(0),
-                    output_type="np",
-                    **pipeline.example_conditions(args.eval_batch_size),
-                ).images
-                digits = (digits[..., 0] * 255).round().astype(np.uint8)
-                image_grid(digits).save(os.path.join(args.output_dir, "samples", f"epoch_{epochs_done:04d}.png"))
-                for tracker in accelerator.trackers:
-                    if tracker.name == "tensorboard":
-                        tracker.writer.add_images("samples", digits[:, None], epochs_done, dataformats="NCHW")
-                    elif tracker.name == "wandb":
-                        import wandb
-
-                        tracker.log({"samples": [wandb.Image(d) for d in digits]}, step=global_step)
-            if evaluate:
-                # Conditional models are asked for 0..9 in turn and scored on whether they drew what was asked.
-                wanted = np.arange(args.eval_num_samples) % NUM_CLASSES if args.conditioning != "none" else None
-                with accelerator.autocast():  # sample in the training precision: bf16 is ~2x faster on this CPU
-                    # Scored the way `mnist-diffusion evaluate` scores a saved model: its default sampler.
-                    sampler, steps = DEFAULT_SAMPLER
-                    scorer = MNISTDiffusionPipeline(
-                        unwrapped, make_scheduler(sampler, noise_scheduler.config), text_encoder, tokenizer
-                    )
-                    digits = generate(
-                        scorer, args.eval_num_samples, seed=0, batch_size=125, num_inference_steps=steps, labels=wanted
-                    )
-                results = evaluate_digits(digits, real_features, wanted)
-                accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=global_step)
-                with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
-                    record = {"step": global_step, "epoch": epochs_done, "train_minutes": train_minutes}
-                    f.write(json.dumps({**record, **results}) + "\n")
-                logger.info(f"Step {global_step}: FID {results['fid']:.2f} on {len(digits)} samples")
-                pipeline.set_progress_bar_config(disable=True)
-            if save_model:
-                pipeline.save_pretrained(args.output_dir, training_args=training_args)
-            if push:
-                pipeline.push_to_hub(
-                    repo_id, training_args=training_args, token=args.hub_token, commit_message="End of training"
-                )
-            unwrapped.train()
-
+    pipeline = MNISTDiffusionPipeline(unwrapped, noise_scheduler, text_encoder, tokenizer)
+    pipeline.set_progress_bar_config(disable=True)
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
+    stop = StopSignals()  # SIGTERM or Ctrl-C: finish the step, checkpoint, say how to resume
+    clock = TrainingClock()
     permutation, permutation_epoch = None, None
-    # SIGTERM (preemption) or Ctrl-C: finish the step, checkpoint, say how to resume. A second signal kills at once.
-    stop_signals = []
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop_signals.append(signum)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    # Training time of this process, without the time spent sampling and evaluating.
-    clock = {"start": time.perf_counter(), "publishing": 0.0}
-
-    def train_seconds() -> float:
-        return time.perf_counter() - clock["start"] - clock["publishing"]
-
     model.train()
     while global_step < max_train_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
         if permutation_epoch != epoch:
-            # The data order depends on (seed, epoch) alone, so a resumed run sees the same batches.
-            generator = torch.Generator().manual_seed(seed_for(args.seed, 0, epoch))
-            permutation = torch.randperm(len(images), generator=generator).to(device)
-            permutation_epoch = epoch
-
+            permutation, permutation_epoch = epoch_permutation(len(images), args.seed, epoch, device), epoch
         step_loss = torch.zeros((), device=device)
         for micro_step in range(args.gradient_accumulation_steps):
-            start = ((step_in_epoch * args.gradient_accumulation_steps + micro_step) * accelerator.num_processes
-                     + accelerator.process_index) * args.train_batch_size  # fmt: skip
-            batch = permutation[start : start + args.train_batch_size]
+            batch = permutation[
+                micro_batch_slice(step_in_epoch, micro_step, args.gradient_accumulation_steps,
+                                  accelerator.num_processes, accelerator.process_index, args.train_batch_size)
+            ]  # fmt: skip
             clean_images = images[batch].float() / 127.5 - 1
-            # Noise, timesteps and dropped conditions depend on (seed, step, micro-batch, process) alone: resuming is exact.
             generator = torch.Generator(device).manual_seed(
                 seed_for(args.seed, 1, global_step, micro_step, accelerator.process_index)
             )
@@ -589,9 +467,8 @@ def main(args: argparse.Namespace) -> None:
             if args.conditioning == "class":
                 condition["class_labels"] = labels[batch]
             elif args.conditioning == "text":
-                template = torch.randint(len(CAPTION_TEMPLATES), (len(batch),), generator=generator, device=device)
-                condition["encoder_hidden_states"] = caption_states[labels[batch], template]
-
+                template = torch.randint(captions.shape[1], (len(batch),), generator=generator, device=device)
+                condition["encoder_hidden_states"] = captions[labels[batch], template]
             with accelerator.accumulate(model):
                 loss = loss_fn(model, clean_images, generator, condition, null_condition)
                 accelerator.backward(loss)
@@ -608,7 +485,7 @@ def main(args: argparse.Namespace) -> None:
         progress_bar.update(1)
         # One all-reduce for the mean loss and for "did any process get a stop signal", so all stop at one step.
         loss_sum, stops = accelerator.reduce(
-            torch.stack([step_loss, torch.tensor(float(len(stop_signals)), device=device)]), reduction="sum"
+            torch.stack([step_loss, torch.tensor(float(len(stop.received)), device=device)]), reduction="sum"
         ).tolist()
         logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
         save_now = global_step % args.checkpointing_steps == 0 or stops
@@ -631,7 +508,7 @@ def main(args: argparse.Namespace) -> None:
             logger.info(f"Saved {path}", main_process_only=True)
         if stops:
             progress_bar.close()
-            signum = stop_signals[0] if stop_signals else signal.SIGTERM  # another process may have got it
+            signum = stop.received[0] if stop.received else signal.SIGTERM  # another process may have got it
             accelerator.print(
                 f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved {path}. Resume with the same "
                 "command plus --resume_from_checkpoint latest."
@@ -640,29 +517,26 @@ def main(args: argparse.Namespace) -> None:
             raise SystemExit(128 + signum)
 
         if global_step % steps_per_epoch == 0 and global_step < max_train_steps:
-            epochs_done = global_step // steps_per_epoch
-            save_images, save_model = (
-                epochs_done % args.save_images_epochs == 0,
-                epochs_done % args.save_model_epochs == 0,
-            )
-            evaluate = args.eval_epochs is not None and epochs_done % args.eval_epochs == 0
-            started = time.perf_counter()
-            if accelerator.is_main_process and (save_images or save_model or evaluate):
-                publish(epochs_done, save_images, save_model, evaluate, train_seconds() / 60)
-            accelerator.wait_for_everyone()
-            clock["publishing"] += time.perf_counter() - started
+            epoch = global_step // steps_per_epoch
+            with clock.paused():
+                if accelerator.is_main_process:
+                    save_outputs(
+                        pipeline, ema_model, accelerator, args, training_args,
+                        {"step": global_step, "epoch": epoch, "train_minutes": clock.minutes()},
+                        save_images=epoch % args.save_images_epochs == 0,
+                        save_model=epoch % args.save_model_epochs == 0,
+                        real_features=real_features if args.eval_epochs and epoch % args.eval_epochs == 0 else None,
+                    )  # fmt: skip
+                accelerator.wait_for_everyone()
 
     progress_bar.close()
-    minutes = train_seconds() / 60
+    minutes = clock.minutes()
     if accelerator.is_main_process:
-        publish(
-            math.ceil(global_step / steps_per_epoch),
-            save_images=True,
-            save_model=True,
-            evaluate=args.eval_epochs is not None,
-            train_minutes=minutes,
-            push=args.push_to_hub,
-        )
+        save_outputs(
+            pipeline, ema_model, accelerator, args, training_args,
+            {"step": global_step, "epoch": math.ceil(global_step / steps_per_epoch), "train_minutes": minutes},
+            save_images=True, save_model=True, real_features=real_features, push_to=repo_id,
+        )  # fmt: skip
         accelerator.print(
             f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of training)."
         )

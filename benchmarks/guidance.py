@@ -8,10 +8,8 @@ Digit i is asked to be i % 10; the default sampler of `mnist-diffusion sample` d
 import argparse
 import json
 
-import numpy as np
-
-from pipeline.cli import DEFAULT_SAMPLER, generate, load_pipeline, sampling_precision
 from pipeline.evaluate import evaluate_digits, reference_features
+from pipeline.sampling import DEFAULT_SAMPLER, digit_cycle, generate, load_pipeline, sampling_precision
 
 
 def main() -> None:
@@ -26,7 +24,7 @@ def main() -> None:
 
     real = reference_features(args.dataset_name, "test")
     pipe = load_pipeline(args.model, DEFAULT_SAMPLER[0])
-    labels = np.arange(args.num_samples) % 10
+    labels = digit_cycle(args.num_samples)
     rows = []
     for scale in args.guidance_scales:
         with sampling_precision(pipe.device):

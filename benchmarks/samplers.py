@@ -10,8 +10,8 @@ import argparse
 import json
 import time
 
-from pipeline.cli import SCHEDULERS, generate, load_pipeline, sampling_precision
 from pipeline.evaluate import evaluate_digits, reference_features
+from pipeline.sampling import SCHEDULERS, generate, load_pipeline, sampling_precision
 
 # (scheduler, steps, precision): 50-step ancestral DDPM in fp32 is the reference the others are measured against.
 SETTINGS = [("ddpm", 50, "fp32"), ("ddpm", 50, "bf16"), ("ddpm", 25, "bf16")] + [

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training and sampling speed of this project against the way diffusers' example does them, side by side.
 
-    python benchmarks/speed.py --dataset_name ylecun/mnist           # everything, ~7 minutes on 2 CPU cores
-    python benchmarks/speed.py --dataset_name ylecun/mnist --quick   # the two headline ratios, ~2 minutes
+    python benchmarks/speed.py --dataset_name ylecun/mnist           # everything
+    python benchmarks/speed.py --dataset_name ylecun/mnist --quick   # the two headline ratios
 
 Training, images/s of whole optimizer steps (data, forward, backward, clipping, AdamW, EMA) on the default UNet:
   baseline  diffusers' examples/unconditional_image_generation/train_unconditional.py: PIL images through torchvision
@@ -41,9 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 from pipeline import create_model_and_scheduler
-from pipeline.cli import DEFAULT_SAMPLER, default_mixed_precision, generate, load_pipeline, sampling_precision
 from pipeline.data import load_images
-from train_ddpm import use_fast_attention
+from pipeline.sampling import DEFAULT_SAMPLER, default_mixed_precision, generate, load_pipeline, sampling_precision
+from pipeline.training import use_plain_attention
 
 LEVERS = ["fp32", "stock attention", "channels_last", "torch.compile", "fused AdamW", "batch 256"]
 
@@ -158,7 +158,7 @@ def our_train_step(images: torch.Tensor, batch_size: int, device: torch.device, 
     model, scheduler = create_model_and_scheduler()
     model.to(device).train()
     if lever != "stock attention":
-        use_fast_attention(model, device)
+        use_plain_attention(model, device)
     memory_format = torch.channels_last if lever == "channels_last" else torch.contiguous_format
     model.to(memory_format=memory_format)
     forward = torch.compile(model) if lever == "torch.compile" else model
@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--train_batch_size", type=int, default=128)
     parser.add_argument("--sample_batch_size", type=int, default=125)
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="For the baseline's DataLoader.")
-    parser.add_argument("--quick", action="store_true", help="Baseline and ours only, fewer windows (~5 minutes).")
+    parser.add_argument("--quick", action="store_true", help="Baseline and ours only, fewer windows.")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -309,7 +309,7 @@ def main() -> None:
         forward_gflop_per_image=forward_flops / 1e9,
         matmul_peak_tflops={k: v / 1e12 for k, v in peaks.items()},
         train_fraction_of_bf16_peak=ours_train * train_flops / peaks["bfloat16"],
-        # Convolutions are 98 % of the FLOPs: their speed bounds ours even if everything else took no time.
+        # Convolutions are nearly all the FLOPs: their speed bounds ours even if everything else took no time.
         convolution_share_of_train_time=share,
         convolution_fraction_of_bf16_peak=ours_train * convolution_flops / share / peaks["bfloat16"],
         train_speedup_if_only_convolutions=ours_train / share / results["train"]["baseline"]["images_per_s"],

@@ -1,55 +1,14 @@
 """`mnist-diffusion`: sample digits and draw the diffusion pictures from any trained pipeline, without writing Python."""
 
 import argparse
-import contextlib
 import os
 import sys
 
 import numpy as np
 import torch
-from accelerate.utils import parse_flag_from_env
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
-from tqdm.auto import tqdm
 
-from .pipeline_mnist_diffusion import EXAMPLE_PROMPT, MNISTDiffusionPipeline, image_grid
-
-# The samplers `--scheduler` offers: a diffusers class and the settings that differ from its defaults.
-SCHEDULERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    # DPM-Solver++ steps uniformly in log-SNR, as its authors recommend: on the cosine schedule that puts more steps at
-    # low noise, where strokes are refined. 20 stochastic steps, 5,000 digits: FID 5.23 against 5.50 with uniform
-    # timesteps (docs/speed.md).
-    "dpm++": (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
-    "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_lu_lambdas": True}),
-}
-# How `sample` and `evaluate` generate by default: stochastic DPM-Solver++ in 20 steps matches the FID of 50 ancestral
-# DDPM steps (5.23 vs 5.61 on 5,000 digits) at 2.5x their speed; the deterministic samplers lose far more (docs/speed.md).
-DEFAULT_SAMPLER = ("dpm++sde", 20)
-
-
-def make_scheduler(name: str, config: dict) -> SchedulerMixin:
-    """One of SCHEDULERS, built from a model's scheduler config, starting from pure noise whatever the config says."""
-    cls, settings = SCHEDULERS[name]
-    # Models saved with diffusers' default "leading" spacing would start fast samplers short of pure noise.
-    return cls.from_config(config, timestep_spacing="trailing", **settings)
-
-
-def default_mixed_precision() -> str:
-    """bf16 where the hardware runs it natively (Ampere+ GPUs, CPUs with AVX512-BF16 or AMX), else no."""
-    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    if torch.backends.mps.is_available():
-        return "no"
-    # On this project's 2-core AVX512-BF16 CPU, bf16 autocast trains the default UNet ~1.7x faster than fp32.
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-
-
-def sampling_precision(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast for sampling where the hardware has it ("auto") or when asked ("bf16"); else nothing."""
-    if precision == "bf16" or (precision == "auto" and default_mixed_precision() == "bf16"):
-        return torch.autocast(device.type, torch.bfloat16)
-    return contextlib.nullcontext()
+from .pipeline_mnist_diffusion import image_grid
+from .sampling import DEFAULT_SAMPLER, SCHEDULERS, digit_cycle, generate, load_pipeline, sampling_precision
 
 
 def positive_int(text: str) -> int:
@@ -70,70 +29,6 @@ def writable(path: str) -> str:
     if not os.access(folder, os.W_OK):
         raise ValueError(f"Cannot write {path}: the folder {folder} is not writable.")
     return path
-
-
-def load_pipeline(model: str, scheduler: str | None = None) -> MNISTDiffusionPipeline:
-    """A saved pipeline from a folder or the Hub, on the GPU if there is one, with an optional sampler swapped in."""
-    if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, "model_index.json")):
-            raise ValueError(
-                f"{model} is not a saved pipeline (it has no model_index.json); train one with train_ddpm.py."
-            )
-    elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise FileNotFoundError(f"--model {model}: no such folder.")
-    try:
-        pipe = MNISTDiffusionPipeline.from_pretrained(model)
-    except OSError as e:
-        raise ValueError(f"Could not load the pipeline {model!r}: {str(e).splitlines()[0]}") from e
-    if scheduler is not None:
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Pipeline `np` output `(N, H, W, 1)` in [0, 1] to `(N, H, W)` uint8, MNIST's own format."""
-    return (images[..., 0] * 255).round().astype(np.uint8)
-
-
-def generate(
-    pipe: MNISTDiffusionPipeline,
-    num_images: int,
-    seed: int,
-    batch_size: int,
-    num_inference_steps: int | None = None,
-    labels: np.ndarray | None = None,
-    prompt: str | None = None,
-    negative_prompt: str | None = None,
-    guidance_scale: float = 2.0,
-    progress: bool = True,
-) -> np.ndarray:
-    """`num_images` digits as uint8 `(N, 28, 28)`; digit i comes from seed + i, whatever the batch size.
-
-    Digit i is asked to be `labels[i]` (a class label, or a prompt about it for text models) or `prompt`."""
-    pipe.set_progress_bar_config(disable=True)
-    digits = []
-    with tqdm(total=num_images, desc="Sampling", unit="img", disable=not progress) as bar:
-        for start in range(0, num_images, batch_size):
-            seeds = range(seed + start, seed + min(start + batch_size, num_images))
-            generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-            condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
-            if labels is not None:
-                wanted = labels[start : start + len(generators)].tolist()
-                if pipe.conditioning == "text":
-                    condition["prompt"] = [EXAMPLE_PROMPT.format(label) for label in wanted]
-                else:
-                    condition["class_labels"] = wanted
-            output = pipe(
-                batch_size=len(generators),
-                generator=generators,
-                num_inference_steps=num_inference_steps,
-                output_type="np",
-                guidance_scale=guidance_scale,
-                **condition,
-            )
-            digits.append(to_uint8(output.images))
-            bar.update(len(generators))
-    return np.concatenate(digits)
 
 
 def sample(args: argparse.Namespace) -> None:
@@ -203,7 +98,7 @@ def evaluate(args: argparse.Namespace) -> None:
     else:
         pipe = load_pipeline(args.model, args.scheduler)
         # A conditional model is asked for 0..9 in turn, and scored on whether it drew what was asked.
-        labels = np.arange(args.num_samples) % 10 if pipe.conditioning != "none" else None
+        labels = digit_cycle(args.num_samples) if pipe.conditioning != "none" else None
         with sampling_precision(pipe.device, args.precision):
             digits = generate(
                 pipe, args.num_samples, args.seed, args.batch_size, sampler_steps(args), labels,
@@ -290,7 +185,7 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="auto: bf16 autocast where the hardware runs it natively (~1.5x faster on this CPU), else fp32.",
+        help="auto: bf16 autocast where the hardware runs it natively, else fp32.",
     )
 
 
@@ -298,9 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The `mnist-diffusion` command line."""
     parser = argparse.ArgumentParser(prog="mnist-diffusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="Train a model (the options of train_ddpm.py).", add_help=False)
-    train.set_defaults(run=None)
 
     s = commands.add_parser("sample", help="Generate digits into a grid PNG (and optionally PNGs and an .npz).")
     s.add_argument("--model", required=True, help="A pipeline folder or Hub id.")
@@ -369,11 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends with one line naming the problem, not a traceback."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
-        import train_ddpm
-
-        return train_ddpm.cli(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

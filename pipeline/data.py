@@ -12,6 +12,11 @@ IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")
 LABEL_COLUMN_NAMES = ("label", "labels")
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a dataset or model name is meant as a local folder: Hub ids are "name" or "owner/name"."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _find_column(features: datasets.Features, feature_type: type, names: tuple[str, ...]) -> str | None:
     """The first column of the given feature type, else the first column with a conventional name."""
     for name, feature in features.items():
@@ -34,9 +39,7 @@ def _open_dataset(
         name, args = train_data_dir, ("imagefolder",)
         kwargs = {"data_dir": train_data_dir}
     else:
-        # Hub ids are "name" or "owner/name"; anything else is meant as a local folder.
-        looks_local = dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1
-        if looks_local and not os.path.exists(dataset_name):
+        if looks_like_path(dataset_name) and not os.path.exists(dataset_name):
             raise FileNotFoundError(f"--dataset_name {dataset_name!r}: no such folder.")
         name, args, kwargs = dataset_name, (dataset_name, dataset_config_name), {}
     try:

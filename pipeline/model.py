@@ -2,9 +2,11 @@
 
 import os
 
+import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from .pipeline_mnist_diffusion import check_unet_config
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, check_unet_config
 
 NUM_TRAIN_TIMESTEPS = 50
 NUM_CLASSES = 10  # class-conditional UNets get one more embedding: the "no label" token of classifier-free guidance
@@ -72,13 +74,10 @@ def create_model_and_scheduler(
             f"The UNet config has {unet.config.in_channels} input and {unet.config.out_channels} output channels; "
             "MNIST digits need 1 and 1."
         )
-    # The cosine schedule ends at alphas_cumprod ~ 1e-6, so step 50 is pure noise; diffusers' default linear betas
-    # would leave 78% of the digit visible after 50 steps. At such a low signal-to-noise ratio an epsilon prediction
-    # says almost nothing about the digit (x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) amplifies its errors 1000x), so
-    # the default is v-prediction (Salimans & Ho 2022), which stays well posed at every step: after one epoch
-    # FID 27 against 1832 for epsilon (docs/evaluation.md).
-    # "trailing" spacing makes every sampler swapped in with `from_config` start at the last training step, pure noise;
-    # diffusers' default "leading" starts DDIM in 20 steps at t = 38 of 49, and its digits are noise (FID 580).
+    # The cosine schedule ends at alphas_cumprod ~ 1e-6, so step 50 is pure noise (diffusers' default linear betas leave
+    # much of the digit visible). There an epsilon prediction says almost nothing about the digit, so the default is
+    # v-prediction (Salimans & Ho 2022), well posed at every step (docs/evaluation.md). "trailing" spacing makes every
+    # sampler swapped in with `from_config` start at the last training step, pure noise.
     scheduler = DDPMScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         beta_schedule="squaredcos_cap_v2",
@@ -86,3 +85,23 @@ def create_model_and_scheduler(
         timestep_spacing="trailing",
     )
     return unet, scheduler
+
+
+def load_text_encoder(name_or_path: str, cache_dir: str | None = None) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """A frozen CLIP text encoder and its tokenizer, from the Hub or a folder."""
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
+        text_encoder = CLIPTextModel.from_pretrained(name_or_path, cache_dir=cache_dir)
+    except OSError as e:
+        raise ValueError(
+            f"Could not load the text encoder {name_or_path!r} ({str(e).splitlines()[0]}). --text_encoder "
+            "takes a Hub id or a folder holding a CLIP text model and its tokenizer."
+        ) from e
+    return text_encoder.requires_grad_(False).eval(), tokenizer
+
+
+@torch.no_grad()
+def caption_states(pipeline: MNISTDiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder states of every caption of every digit `(10, templates, 77, D)`, and of the empty caption."""
+    states = torch.stack([pipeline.encode_prompt(captions(d)) for d in range(NUM_CLASSES)])
+    return states, pipeline.encode_prompt([""])

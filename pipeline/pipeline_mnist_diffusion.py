@@ -55,6 +55,11 @@ def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) 
     return Image.fromarray(grid, mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline `np` output `(N, H, W, 1)` in [0, 1] to `(N, H, W)` uint8, MNIST's own format."""
+    return (images[..., 0] * 255).round().astype(np.uint8)
+
+
 class MNISTDiffusionPipeline(DDPMPipeline):
     r"""
     Pipeline that generates 28x28 grayscale digits with a DDPM trained on MNIST: unconditionally, by class label
@@ -327,9 +332,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         digits = self(
             generator=torch.Generator().manual_seed(0), output_type="np", **self.example_conditions(16)
         ).images
-        image_grid((digits[..., 0] * 255).round().astype(np.uint8), nrow=8, scale=3).save(
-            os.path.join(save_directory, "samples.png")
-        )
+        image_grid(to_uint8(digits), nrow=8, scale=3).save(os.path.join(save_directory, "samples.png"))
         self.model_card(training_args).save(os.path.join(save_directory, "README.md"))
 
     def example_conditions(self, n: int) -> dict:

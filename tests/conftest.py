@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny MNIST look-alike in the Hub's parquet layout, a tiny UNet config, a tiny pipeline."""
+"""Shared fixtures and helpers: a tiny MNIST look-alike in the Hub's parquet layout, tiny models, training runs."""
 
 import os
 
@@ -15,9 +15,12 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from diffusers import UNet2DModel  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
+import train_ddpm  # noqa: E402
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,11 +71,67 @@ def write_hub_dataset(folder: Path, splits: dict[str, tuple[list, list]]) -> Pat
     return folder
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each in-process run builds its Accelerator from scratch."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def base_args(mnist_dir: Path, tiny_unet_config: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Flags for a seconds-long run on the tiny dataset and model."""
+    return [
+        "--dataset_name", str(mnist_dir),
+        "--model_config_name_or_path", str(tiny_unet_config),
+        "--output_dir", str(output_dir),
+        "--train_batch_size", "16",
+        "--eval_batch_size", "4",
+        "--lr_warmup_steps", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def train(*argv: str) -> None:
+    """Run train_ddpm in this process, as `python train_ddpm.py ARGV` would."""
+    train_ddpm.main(train_ddpm.parse_args(list(argv)))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a state dict."""
+    return load_file(str(path))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors (CPU, tolerance 1e-5)."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0, msg=key)
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """Run the command line, expect it to fail, and return its one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_ddpm.cli(list(argv))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    message = str(exit_info.value.code) if exit_info.value.code not in (None, 2) else capsys.readouterr().err
+    assert "Traceback" not in message
+    return message
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
     """128 train and 32 test digits in the layout of `ylecun/mnist`."""
     folder = tmp_path_factory.mktemp("mnist")
     return write_hub_dataset(folder, {"train": draw_digits(128, seed=0), "test": draw_digits(32, seed=1)})
+
+
+@pytest.fixture(scope="session")
+def real_mnist_dir(tmp_path_factory) -> Path:
+    """The first 128 real test digits of `data/mnist_test_500.npz`, as a train split in the layout of `ylecun/mnist`."""
+    data = np.load(Path(__file__).parent / "data" / "mnist_test_500.npz")
+    images = [Image.fromarray(x) for x in data["images"][:128]]
+    return write_hub_dataset(tmp_path_factory.mktemp("real_mnist"), {"train": (images, data["labels"][:128].tolist())})
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from pipeline import visualize
-from pipeline.cli import DEFAULT_SAMPLER, SCHEDULERS, generate, main, make_scheduler, sampling_precision
+from pipeline.cli import main
 from pipeline.data import load_images
+from pipeline.sampling import DEFAULT_SAMPLER, SCHEDULERS, generate, make_scheduler, sampling_precision
 
 
 @pytest.fixture

@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import run_python
-from test_train import base_args, train
+from conftest import base_args, run_python, train
 
 from pipeline import MNISTDiffusionPipeline
 
 STEPS = ("--max_train_steps", "4", "--save_images_epochs", "100")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its Accelerator from scratch."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import ROOT
+from conftest import ROOT, assert_same_weights, base_args, cli_error, train
 from safetensors.torch import load_file
-from test_train import assert_same_weights, base_args, cli_error, train
 
-import train_ddpm
+from pipeline.training import find_checkpoint
 
 FINAL = ("unet/diffusion_pytorch_model.safetensors",)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its Accelerator from scratch."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def start(args: list[str], log: Path, env: dict | None = None, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -44,10 +37,7 @@ def wait_for_checkpoint(process: subprocess.Popen, output_dir: Path, step: int, 
     """Wait until the run has saved checkpoint-`step` or a later one, or has ended."""
     deadline = time.time() + timeout
     while time.time() < deadline and process.poll() is None:
-        if (
-            train_ddpm.find_checkpoint(str(output_dir))
-            and int(train_ddpm.find_checkpoint(str(output_dir)).split("-")[-1]) >= step
-        ):
+        if find_checkpoint(str(output_dir)) and int(find_checkpoint(str(output_dir)).split("-")[-1]) >= step:
             return
         time.sleep(0.01)
     if process.poll() is None:
@@ -150,7 +140,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     message = cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, *diverge))
     assert "Training diverged at step" in message, message
     step = int(message.split(" at step ")[1].split(" ")[0])
-    latest = train_ddpm.find_checkpoint(str(out))
+    latest = find_checkpoint(str(out))
     assert latest == str(out / f"checkpoint-{step - 1}") and f"The latest checkpoint is {latest}" in message
     weights = load_file(str(Path(latest) / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -160,7 +150,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(
     mnist_dir, tiny_unet_config, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
-    real_save_state = train_ddpm.Accelerator.save_state
+    real_save_state = Accelerator.save_state
 
     def save_state(self, output_dir=None, **kwargs):
         if output_dir.endswith("checkpoint-4"):
@@ -168,7 +158,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save_state(self, output_dir, **kwargs)
 
-    monkeypatch.setattr(train_ddpm.Accelerator, "save_state", save_state)
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
     message = cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "6"),
                         "--checkpointing_steps", "2")  # fmt: skip
     assert "Could not write checkpoint-4" in message and "No space left on device" in message

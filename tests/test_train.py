@@ -9,50 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from conftest import ROOT, run_python
+from conftest import ROOT, assert_same_weights, base_args, cli_error, run_python, train, weights
 from PIL import Image
-from safetensors.torch import load_file
 
 import train_ddpm
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its Accelerator from scratch."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def base_args(mnist_dir: Path, tiny_unet_config: Path, output_dir: Path, *extra: str) -> list[str]:
-    """Flags for a seconds-long run on the tiny dataset and model."""
-    return [
-        "--dataset_name", str(mnist_dir),
-        "--model_config_name_or_path", str(tiny_unet_config),
-        "--output_dir", str(output_dir),
-        "--train_batch_size", "16",
-        "--eval_batch_size", "4",
-        "--lr_warmup_steps", "2",
-        *extra,
-    ]  # fmt: skip
-
-
-def train(*argv: str) -> None:
-    """Run train_ddpm in this process, as `python train_ddpm.py ARGV` would."""
-    train_ddpm.main(train_ddpm.parse_args(list(argv)))
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file as a state dict."""
-    return load_file(str(path))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    """Two safetensors files hold the same tensors (CPU, tolerance 1e-5)."""
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0, msg=key)
 
 
 def test_train_save_and_sample_in_a_fresh_process(mnist_dir, tiny_unet_config, tmp_path):
@@ -194,16 +154,6 @@ def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_conf
             assert token.encode() not in path.read_bytes(), path
 
 
-def cli_error(capsys, *argv: str) -> str:
-    """Run the command line, expect it to fail, and return its one-line error."""
-    with pytest.raises(SystemExit) as exit_info:
-        train_ddpm.cli(list(argv))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    message = str(exit_info.value.code) if exit_info.value.code not in (None, 2) else capsys.readouterr().err
-    assert "Traceback" not in message
-    return message
-
-
 def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path, capsys):
     args = lambda out, *extra: base_args(mnist_dir, tiny_unet_config, tmp_path / out, *extra)  # noqa: E731
     assert "no such folder" in cli_error(capsys, "--dataset_name", str(tmp_path / "no" / "mnist"))
@@ -234,3 +184,19 @@ def test_output_dir_and_checkpoints_are_protected(mnist_dir, tiny_unet_config, t
     # Nothing else that was already written changed.
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p != weights_file}
     assert {p: b for p, b in before.items() if p != weights_file} == after
+
+
+def test_a_checkpoint_written_before_the_layout_change_resumes_to_the_same_weights(real_mnist_dir, tmp_path):
+    old = Path(__file__).parent / "data" / "run_before_layout_change"
+    out = tmp_path / "run"
+    shutil.copytree(old / "checkpoint-2", out / "checkpoint-2")
+    (tmp_path / "unet").mkdir()
+    shutil.copy(old / "unet_config.json", tmp_path / "unet" / "config.json")
+    # The flags of the run that wrote it (tests/data/README.md), and that run's recipe wherever defaults moved since.
+    train(
+        *("--dataset_name", str(real_mnist_dir), "--model_config_name_or_path", str(tmp_path / "unet")),
+        *("--output_dir", str(out), "--train_batch_size", "16", "--eval_batch_size", "4", "--lr_warmup_steps", "2"),
+        *("--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"),
+        *("--resume_from_checkpoint", "latest", "--weighting_scheme", "none"),
+    )
+    assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors", old / "final_unet.safetensors")

@@ -1,0 +1,112 @@
+"""Sampling as the command line, training, evaluation and the benchmarks do it: samplers, precision, loading, batches."""
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+from accelerate.utils import parse_flag_from_env
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from tqdm.auto import tqdm
+
+from .data import looks_like_path
+from .model import NUM_CLASSES
+from .pipeline_mnist_diffusion import EXAMPLE_PROMPT, MNISTDiffusionPipeline, to_uint8
+
+# The samplers `--scheduler` offers: a diffusers class and the settings that differ from its defaults.
+SCHEDULERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    # Uniform steps in log-SNR, DPM-Solver's own recommendation: more steps at low noise, where strokes are refined.
+    "dpm++": (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
+    "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_lu_lambdas": True}),
+}
+# How `sample` and `evaluate` generate by default: the fastest setting that matches 50 ancestral steps (docs/speed.md).
+DEFAULT_SAMPLER = ("dpm++sde", 20)
+
+
+def make_scheduler(name: str, config: dict) -> SchedulerMixin:
+    """One of SCHEDULERS, built from a model's scheduler config, starting from pure noise whatever the config says."""
+    cls, settings = SCHEDULERS[name]
+    # Models saved with diffusers' default "leading" spacing would start fast samplers short of pure noise.
+    return cls.from_config(config, timestep_spacing="trailing", **settings)
+
+
+def default_mixed_precision() -> str:
+    """bf16 where the hardware runs it natively (Ampere+ GPUs, CPUs with AVX512-BF16 or AMX), else no."""
+    if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if torch.backends.mps.is_available():
+        return "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+def sampling_precision(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast for sampling where the hardware has it ("auto") or when asked ("bf16"); else nothing."""
+    if precision == "bf16" or (precision == "auto" and default_mixed_precision() == "bf16"):
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_pipeline(model: str, scheduler: str | None = None) -> MNISTDiffusionPipeline:
+    """A saved pipeline from a folder or the Hub, on the GPU if there is one, with an optional sampler swapped in."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise ValueError(
+                f"{model} is not a saved pipeline (it has no model_index.json); train one with train_ddpm.py."
+            )
+    elif looks_like_path(model):
+        raise FileNotFoundError(f"--model {model}: no such folder.")
+    try:
+        pipe = MNISTDiffusionPipeline.from_pretrained(model)
+    except OSError as e:
+        raise ValueError(f"Could not load the pipeline {model!r}: {str(e).splitlines()[0]}") from e
+    if scheduler is not None:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def digit_cycle(n: int) -> np.ndarray:
+    """The labels 0, 1, ..., 9, 0, 1, ... that conditional models are asked for when scored or shown."""
+    return np.arange(n) % NUM_CLASSES
+
+
+def generate(
+    pipe: MNISTDiffusionPipeline,
+    num_images: int,
+    seed: int,
+    batch_size: int,
+    num_inference_steps: int | None = None,
+    labels: np.ndarray | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float = 2.0,
+    progress: bool = True,
+) -> np.ndarray:
+    """`num_images` digits as uint8 `(N, 28, 28)`; digit i comes from seed + i, whatever the batch size.
+
+    Digit i is asked to be `labels[i]` (a class label, or a prompt about it for text models) or `prompt`."""
+    pipe.set_progress_bar_config(disable=True)
+    digits = []
+    with tqdm(total=num_images, desc="Sampling", unit="img", disable=not progress) as bar:
+        for start in range(0, num_images, batch_size):
+            seeds = range(seed + start, seed + min(start + batch_size, num_images))
+            generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
+            condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
+            if labels is not None:
+                wanted = labels[start : start + len(generators)].tolist()
+                if pipe.conditioning == "text":
+                    condition["prompt"] = [EXAMPLE_PROMPT.format(label) for label in wanted]
+                else:
+                    condition["class_labels"] = wanted
+            output = pipe(
+                batch_size=len(generators),
+                generator=generators,
+                num_inference_steps=num_inference_steps,
+                output_type="np",
+                guidance_scale=guidance_scale,
+                **condition,
+            )
+            digits.append(to_uint8(output.images))
+            bar.update(len(generators))
+    return np.concatenate(digits)
