@@ -1,13 +1,17 @@
 """`mnist-diffusion`: sample digits and draw the diffusion pictures from any trained pipeline, without writing Python."""
 
 import argparse
+import ast
 import os
+import re
 import sys
+import tempfile
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import FrozenDict
 
-from .pipeline_mnist_diffusion import image_grid
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid
 from .sampling import DEFAULT_SAMPLER, SCHEDULERS, digit_cycle, generate, load_pipeline, sampling_precision
 
 
@@ -80,6 +84,45 @@ def read_digits(path: str) -> np.ndarray:
     if digits.dtype != np.uint8:  # floats in [0, 1], as the pipeline's "np" output
         digits = (np.clip(digits, 0, 1) * 255).round().astype(np.uint8)
     return digits
+
+
+def card_training_args(folder: str) -> dict | None:
+    """The training settings a folder's model card lists (None if it lists none), as Python values where they parse."""
+    path = os.path.join(folder, "README.md")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = re.findall(r"^\| (\w+) \| `(.*)` \|$", f.read().partition("## Training settings")[2], re.MULTILINE)
+    settings = {}
+    for key, text in rows:
+        try:
+            settings[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            settings[key] = text  # a string, written without quotes
+    return settings or None
+
+
+def resave(args: argparse.Namespace) -> None:
+    """Re-save a pipeline folder with this package's code: module file, scheduler config, sample grid and card."""
+    if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+        raise ValueError(f"--model {args.model} is not a saved pipeline folder (it has no model_index.json).")
+    training_args = card_training_args(args.model)
+    pipe = MNISTDiffusionPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe, *pipe.components.values()):  # where it was loaded from is no part of what is saved
+        if hasattr(part, "_internal_dict"):
+            part._internal_dict = FrozenDict({k: v for k, v in part.config.items() if k != "_name_or_path"})
+    # Trailing spacing: every sampler swapped in with `from_config` starts from pure noise.
+    pipe.scheduler.register_to_config(timestep_spacing="trailing")
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.model))) as tmp:
+        pipe.save_pretrained(tmp, training_args=training_args)
+        del pipe  # its weights may be memory-mapped from the files about to be replaced
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                target = os.path.join(args.model, os.path.relpath(os.path.join(root, name), tmp))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(os.path.join(root, name), target)
+    print(f"Re-saved {args.model} with this version's module file, scheduler config, samples and card.")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -256,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "animation":
             p.add_argument("--dpi", type=positive_int, default=100)
     v.set_defaults(run=visualize)
+
+    r = commands.add_parser(
+        "resave",
+        help="Re-save a pipeline folder with this version's code (module file, scheduler config, samples, card); "
+        "the weights and the card's training settings stay.",
+    )
+    r.add_argument("--model", required=True, help="The pipeline folder, rewritten in place.")
+    r.set_defaults(run=resave)
     return parser
 
 

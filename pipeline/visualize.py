@@ -56,7 +56,7 @@ def backward_frames(
 
     def keep(pipeline: MNISTDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
         if int(t) in times:  # after denoising diffusers timestep t the image is at picture time t
-            kept[int(t)] = tensors["image"][:, 0].float().cpu()
+            kept[int(t)] = tensors["latents"][:, 0].float().cpu()
         return {}
 
     output = pipe(
@@ -129,7 +129,7 @@ def animation_frames(pipe: MNISTDiffusionPipeline, num_images: int, seed: int, s
         generator=generator,
         latents=latents,
         output_type="np",
-        callback_on_step_end=lambda p, i, t, tensors: grids.append(to_grid(tensors["image"])) or {},
+        callback_on_step_end=lambda p, i, t, tensors: grids.append(to_grid(tensors["latents"])) or {},
     )
     return grids
 

@@ -92,8 +92,8 @@ def test_unconditional_folders_have_no_text_components(tiny_pipeline, tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"class_labels": [3, 10]}, "must lie in 0..9"),
-        ({"class_labels": [-1]}, "must lie in 0..9"),
+        ({"class_labels": [3, 10]}, "whole numbers in 0..9"),
+        ({"class_labels": [-1]}, "whole numbers in 0..9"),
         ({"prompt": "a handwritten 7"}, "pass `class_labels` instead"),
         ({"class_labels": [1], "guidance_scale": 0.5}, "at least 1"),
         ({"class_labels": [1, 2, 3], "batch_size": 2}, "Got 3 `class_labels` for batch_size=2"),

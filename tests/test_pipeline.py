@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET, run_python
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from conftest import ROOT, TINY_UNET, run_python
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from PIL import Image
 
 from pipeline import MNISTDiffusionPipeline, check_unet_config, create_model_and_scheduler, image_grid
@@ -77,7 +77,7 @@ def test_steps_default_to_training_steps_and_cannot_exceed_them(tiny_pipeline):
     with pytest.raises(ValueError, match="output_type"):
         tiny_pipeline(output_type="numpy")
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
-        tiny_pipeline(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["latents"])
+        tiny_pipeline(callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise"])
 
 
 def test_intermediate_steps_end_at_the_returned_images(tiny_pipeline):
@@ -86,7 +86,7 @@ def test_intermediate_steps_end_at_the_returned_images(tiny_pipeline):
         batch_size=2,
         generator=torch.manual_seed(3),
         output_type="pt",
-        callback_on_step_end=lambda pipe, i, t, kw: frames.append(kw["image"].clone()),
+        callback_on_step_end=lambda pipe, i, t, kw: frames.append(kw["latents"].clone()),
     ).images
     assert len(frames) == 50
     torch.testing.assert_close((frames[-1] / 2 + 0.5).clamp(0, 1), out)
@@ -102,9 +102,13 @@ def test_other_schedulers_swap_in(tiny_pipeline):
         callback_on_step_end=lambda p, i, t, kw: steps.append(t),
     ).images
     assert images.shape == (2, 28, 28, 1) and len(steps) == 10 and steps[0] == 49  # from pure noise
-    # A sampler whose spacing starts short of pure noise is refused, not run into garbage.
+    # A sampler whose spacing starts short of pure noise is re-spaced to start there.
     tiny_pipeline.scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="leading")
-    with pytest.raises(ValueError, match='would start at timestep 38.*timestep_spacing="trailing"'):
+    steps.clear()
+    tiny_pipeline(num_inference_steps=10, callback_on_step_end=lambda p, i, t, kw: steps.append(int(t)))
+    assert steps == list(range(49, 0, -5)) and tiny_pipeline.scheduler.config.timestep_spacing == "leading"
+    # DDIM steps by 50 // n: a count that does not divide 50 cannot reach the digit, and says what can.
+    with pytest.raises(ValueError, match=r"divides 50 \(\[1, 2, 5, 10, 25, 50\]\); got 20"):
         tiny_pipeline(num_inference_steps=20)
 
 
@@ -225,3 +229,36 @@ def test_push_to_hub_uploads_the_saved_folder_and_card(tiny_pipeline, monkeypatc
     } <= calls["files"]
     assert "library_name: diffusers" in calls["card"] and "| seed | `0` |" in calls["card"]
     assert "hf_SECRET" not in calls["card"]
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent for p in (ROOT / "pretrained").glob("*/model_index.json")), ids=str)
+def test_shipped_folders_run_the_package_code_and_start_from_pure_noise(folder):
+    shipped = (folder / "pipeline_mnist_diffusion.py").read_text()
+    assert shipped == (ROOT / "pipeline" / "pipeline_mnist_diffusion.py").read_text(), (
+        f"{folder.name} carries an old module file: mnist-diffusion resave --model pretrained/{folder.name}"
+    )
+    scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    for steps in range(1, scheduler.config.num_train_timesteps + 1):
+        scheduler.set_timesteps(steps)
+        assert int(scheduler.timesteps[0]) == scheduler.config.num_train_timesteps - 1, steps
+
+
+def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny_pipeline, tmp_path):
+    from pipeline.cli import main
+
+    tiny_pipeline.scheduler = DDPMScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="leading")
+    tiny_pipeline.save_pretrained(tmp_path, training_args={"learning_rate": 0.002, "dataset_name": "ylecun/mnist"})
+    (tmp_path / "pipeline_mnist_diffusion.py").write_text("# an older version\n")
+    weights = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    main(["resave", "--model", str(tmp_path)])
+    assert (tmp_path / "pipeline_mnist_diffusion.py").read_text() == (
+        ROOT / "pipeline" / "pipeline_mnist_diffusion.py"
+    ).read_text()
+    assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"] == "trailing"
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    card = (tmp_path / "README.md").read_text()
+    assert (
+        "| learning_rate | `0.002` |" in card
+        and "- ylecun/mnist" in card
+        and "_name_or_path" not in "".join(p.read_text() for p in tmp_path.rglob("*.json"))
+    )

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard, ModelCardData, create_repo
@@ -32,15 +33,29 @@ EXAMPLE_PROMPT = "a handwritten {}"
 
 def check_unet_config(config: Any) -> None:
     """Raise a clear `ValueError` if a UNet config cannot run at its `sample_size` (e.g. too many levels for 28)."""
-    size = config.sample_size if isinstance(config.sample_size, int) else min(config.sample_size)
     halvings = len(config.block_out_channels) - 1
-    if size % 2**halvings:
+    bad = [size for size in sample_shape(config) if size % 2**halvings]
+    if bad:
+        size = bad[0]
         sizes = " -> ".join(str(size // 2**i) if size % 2**i == 0 else f"{size / 2**i:g}" for i in range(halvings + 1))
         raise ValueError(
             f"A UNet with {halvings + 1} resolution levels cannot run at {size}x{size} ({sizes}): each level halves the "
             f"image and the way back up must restore it exactly. Use at most "
             f"{(size & -size).bit_length()} levels (block_out_channels) for this sample_size."
         )
+
+
+def sample_shape(config: Any) -> tuple[int, int]:
+    """A UNet config's `sample_size` as (height, width)."""
+    size = config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def trailing_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
+    """Exactly `num_inference_steps` timesteps spaced as diffusers' "trailing" spacing: from the last training step,
+    pure noise, down in equal strides."""
+    steps = np.linspace(num_train_timesteps, 0, num_inference_steps, endpoint=False).round().astype(int) - 1
+    return steps.tolist()
 
 
 def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) -> Image.Image:
@@ -55,15 +70,23 @@ def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) 
     return Image.fromarray(grid, mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline `np` output `(N, H, W, 1)` in [0, 1] to `(N, H, W)` uint8, MNIST's own format."""
+    return (images[..., 0] * 255).round().astype(np.uint8)
+
+
 class MNISTDiffusionPipeline(DDPMPipeline):
     r"""
     Pipeline that generates 28x28 grayscale digits with a DDPM trained on MNIST: unconditionally, by class label
     (a `UNet2DModel` with `num_class_embeds=11`: ten digits and a "no label" token) or by prompt (a
     `UNet2DConditionModel` and a frozen CLIP text encoder), with classifier-free guidance.
 
-    Unlike the stock [`DDPMPipeline`], the number of steps defaults to the scheduler's training steps (50), asking for
-    more is an error, any compatible scheduler (DDIM, DPM-Solver++, ...) can be swapped in with `from_config`, and the
-    intermediate steps can be read with `callback_on_step_end`.
+    Unlike the stock [`DDPMPipeline`], the number of steps defaults to the scheduler's training steps (50), and every
+    sampler starts from pure noise: any scheduler swapped in with `from_config` (DDPM, DDIM, DPM-Solver++, Euler,
+    UniPC, LCM, ...) samples in any number of steps up to the training steps, on timesteps from the last training
+    step down ("trailing" spacing; custom `timesteps` where the scheduler takes them). The sampler's state stays
+    float32 whatever the UNet's dtype, `output_type="latent"` returns that state, and `callback_on_step_end` sees
+    and may replace `latents` at every step.
 
     Parameters:
         unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): the denoiser, 1 input and 1 output channel.
@@ -86,7 +109,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
     """
 
     _optional_components = ["text_encoder", "tokenizer"]
-    _callback_tensor_inputs = ["image", "model_output"]
+    _callback_tensor_inputs = ["latents", "image", "model_output"]  # "image": the same tensor as "latents"
 
     def __init__(
         self,
@@ -104,6 +127,51 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         if isinstance(self.unet, UNet2DConditionModel):
             return "text"
         return "class" if getattr(self.unet.config, "num_class_embeds", None) else "none"
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (from a callback) to skip the remaining steps."""
+        return getattr(self, "_interrupt", False)
+
+    def set_sampling_timesteps(
+        self, num_inference_steps: int, timesteps: list[int] | None, device: torch.device
+    ) -> torch.Tensor:
+        """Set the scheduler's timesteps so that sampling starts from pure noise at the last training step.
+
+        A grid that already does (50 DDPM steps, any "trailing" scheduler) is used as the scheduler makes it, as the
+        stock pipeline does; otherwise exact trailing timesteps, passed where the scheduler takes custom ones."""
+        scheduler, last = self.scheduler, self.scheduler.config.num_train_timesteps - 1
+        takes_timesteps = "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
+        if timesteps is not None:
+            if not takes_timesteps:
+                raise ValueError(
+                    f"{type(scheduler).__name__} takes no custom `timesteps`; pass `num_inference_steps`."
+                )
+            scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+        else:
+            if isinstance(scheduler, (DDIMScheduler, PNDMScheduler)) and (last + 1) % num_inference_steps:
+                divisors = [n for n in range(1, last + 2) if (last + 1) % n == 0]
+                raise ValueError(
+                    f"{type(scheduler).__name__} steps by num_train_timesteps // num_inference_steps, so it reaches the "
+                    f"digit from pure noise only in a step count that divides {last + 1} ({divisors}); got "
+                    f"{num_inference_steps}. Use one of those, or DPMSolverMultistepScheduler for any count."
+                )
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            if scheduler.timesteps[0] != last:
+                if takes_timesteps:
+                    scheduler.set_timesteps(timesteps=trailing_timesteps(last + 1, num_inference_steps), device=device)
+                elif "timestep_spacing" in scheduler.config:
+                    spacing = scheduler.config.timestep_spacing
+                    scheduler.register_to_config(timestep_spacing="trailing")
+                    scheduler.set_timesteps(num_inference_steps, device=device)
+                    scheduler.register_to_config(timestep_spacing=spacing)
+        if scheduler.timesteps[0] != last:
+            raise ValueError(
+                f"{type(scheduler).__name__} would start at timestep {int(scheduler.timesteps[0])}, but the model "
+                f"starts from pure noise at {last}: give `timesteps` that start there, or swap the scheduler in with "
+                '`from_config(config, timestep_spacing="trailing")`.'
+            )
+        return scheduler.timesteps
 
     def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
         """CLIP text-encoder hidden states `(N, 77, D)` for the prompts, in the UNet's dtype."""
@@ -139,6 +207,8 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         self,
         batch_size: int,
         num_inference_steps: int,
+        timesteps: list[int] | None,
+        generator: torch.Generator | list[torch.Generator] | None,
         output_type: str,
         tensor_inputs: list[str],
         class_labels: list[int] | None,
@@ -155,30 +225,36 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 raise ValueError(
                     f"Got {len(values)} `{name}` for batch_size={batch_size}; give one, or one per image."
                 )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for batch_size={batch_size}; give one, or one per image."
+            )
         if class_labels is not None:
             if self.conditioning != "class":
                 raise ValueError(
                     f"`class_labels` need a class-conditional model; this one is conditioned on {self.conditioning}."
                 )
             num_classes = self.unet.config.num_class_embeds - 1
-            bad = [label for label in class_labels if not 0 <= int(label) < num_classes]
+            bad = [label for label in class_labels if not isinstance(label, int) or not 0 <= label < num_classes]
             if bad:
-                raise ValueError(f"`class_labels` must lie in 0..{num_classes - 1}, got {bad}.")
+                raise ValueError(f"`class_labels` must be whole numbers in 0..{num_classes - 1}, got {bad}.")
         if (prompt is not None or negative_prompt is not None) and self.conditioning != "text":
             raise ValueError(
                 f"A prompt needs a model with a text encoder; this one is conditioned on {self.conditioning}"
                 + (": pass `class_labels` instead." if self.conditioning == "class" else ".")
             )
-        if guidance_scale < 1:
+        if not guidance_scale >= 1:  # also refuses NaN
             raise ValueError(f"`guidance_scale` must be at least 1 (1 means no guidance), got {guidance_scale}.")
         max_steps = self.scheduler.config.num_train_timesteps
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
+        if timesteps is None and (
+            not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps
+        ):
             raise ValueError(
                 f"`num_inference_steps` must be between 1 and {max_steps} (the steps this model was trained with), "
                 f"got {num_inference_steps!r}."
             )
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` can only hold {self._callback_tensor_inputs}.")
@@ -189,15 +265,19 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         batch_size: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int | None = None,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        timesteps: list[int] | None = None,
+        class_labels: int | list[int] | torch.Tensor | np.ndarray | None = None,
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         guidance_scale: float = 2.0,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("image",),
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate digits.
@@ -207,7 +287,10 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 else 1.
             generator (`torch.Generator` or a list of them, *optional*): makes generation deterministic; one per image
                 makes each image independent of the batch it is in.
-            num_inference_steps (`int`, *optional*): denoising steps; defaults to the scheduler's training steps.
+            num_inference_steps (`int`, *optional*): denoising steps, 1 to the training steps; defaults to the
+                training steps (50).
+            timesteps (`list[int]`, *optional*): custom timesteps, descending from the last training step, for
+                schedulers whose `set_timesteps` takes them; overrides `num_inference_steps`.
             class_labels (`int` or `list[int]`, *optional*): the digit(s) to draw, for a class-conditional model.
             prompt (`str` or `list[str]`, *optional*): what to draw, for a text-conditional model.
             negative_prompt (`str` or `list[str]`, *optional*): what to steer away from; defaults to the empty prompt.
@@ -216,21 +299,31 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`; drawn from
                 `generator` if not given.
             output_type (`str`, defaults to `"pil"`): `"pil"` (mode "L" images), `"np"` (N, 28, 28, 1) floats in
-                [0, 1], or `"pt"` (N, 1, 28, 28) floats in [0, 1].
+                [0, 1], `"pt"` (N, 1, 28, 28) float32 in [0, 1], or `"latent"`: the sampler's final state
+                (N, 1, 28, 28) float32 in [-1, 1], unclamped.
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
-            callback_on_step_end (`Callable`, *optional*): called after each step as
-                `callback_on_step_end(pipe, i, t, callback_kwargs)` with the tensors named in
-                `callback_on_step_end_tensor_inputs` ("image" is x_t in [-1, 1], "model_output" the UNet's prediction);
-                it may return a dict that replaces them.
+            callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*): called
+                after each step as `callback_on_step_end(pipe, i, t, callback_kwargs)` with the tensors named in
+                `callback_on_step_end_tensor_inputs` ("latents", alias "image", is x_t in [-1, 1]; "model_output" the
+                UNet's guided prediction); it may return a dict that replaces "latents".
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` whose first element is the list or array of images.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if num_inference_steps is None:
-            num_inference_steps = self.scheduler.config.num_train_timesteps
-        if isinstance(class_labels, torch.Tensor):
+            num_inference_steps = (
+                len(timesteps) if timesteps is not None else self.scheduler.config.num_train_timesteps
+            )
+        if isinstance(class_labels, (torch.Tensor, np.ndarray, np.generic)):
             class_labels = class_labels.tolist()
-        class_labels = [class_labels] if isinstance(class_labels, int) else class_labels
+        if isinstance(class_labels, (int, float)):
+            class_labels = [class_labels]
+        if class_labels is not None:
+            class_labels = [
+                label.item() if isinstance(label, (np.generic, torch.Tensor)) else label for label in class_labels
+            ]
         prompt = [prompt] if isinstance(prompt, str) else prompt
         negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
         if batch_size is None:
@@ -241,52 +334,59 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             for values in (class_labels, prompt, negative_prompt)
         )
         self.check_inputs(
-            batch_size, num_inference_steps, output_type, callback_on_step_end_tensor_inputs,
+            batch_size, num_inference_steps, timesteps, generator, output_type, callback_on_step_end_tensor_inputs,
             class_labels, prompt, negative_prompt, guidance_scale,
         )  # fmt: skip
 
         device = self._execution_device
-        shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        shape = (batch_size, self.unet.config.in_channels, *sample_shape(self.unet.config))
         if latents is None:
-            image = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif latents.shape != shape:
             raise ValueError(
                 f"`latents` must have shape {shape} for batch_size={batch_size}, got {tuple(latents.shape)}."
             )
         else:
-            image = latents.to(device=device, dtype=torch.float32)
+            latents = latents.to(device=device, dtype=torch.float32)
         condition, no_condition = self.prepare_conditions(batch_size, class_labels, prompt, negative_prompt, device)
         guide = no_condition is not None and guidance_scale != 1
         if guide:  # one UNet call on [conditioned; unconditioned]
             condition = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        image = image * self.scheduler.init_noise_sigma
+        timesteps = self.set_sampling_timesteps(num_inference_steps, timesteps, device)
+        latents = latents * self.scheduler.init_noise_sigma
         # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
 
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        self._interrupt = False
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
             # The UNet runs in its own dtype (e.g. after `pipe.to(torch.bfloat16)`); the sampler's state stays float32,
             # so 50 small updates do not lose precision and a seed gives the same noise in any dtype.
-            model_input = self.scheduler.scale_model_input(image, t).to(self.unet.dtype)
+            model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
             if guide:
                 model_output = self.unet(torch.cat([model_input] * 2), t, **condition).sample.float()
                 conditioned, unconditioned = model_output.chunk(2)
                 model_output = unconditioned + guidance_scale * (conditioned - unconditioned)
             else:
                 model_output = self.unet(model_input, t, **condition).sample.float()
-            image = self.scheduler.step(model_output, t, image, **step_kwargs).prev_sample
+            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
-                local = {"image": image, "model_output": model_output}
+                local = {"latents": latents, "image": latents, "model_output": model_output}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                image = (outputs or {}).get("image", image)
+                outputs = outputs or {}
+                latents = outputs.get("latents", outputs.get("image", latents))
 
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = (latents / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                image = image.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    image = self.numpy_to_pil(image)
         self.maybe_free_model_hooks()
 
         if not return_dict:
@@ -320,9 +420,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         digits = self(
             generator=torch.Generator().manual_seed(0), output_type="np", **self.example_conditions(16)
         ).images
-        image_grid((digits[..., 0] * 255).round().astype(np.uint8), nrow=8, scale=3).save(
-            os.path.join(save_directory, "samples.png")
-        )
+        image_grid(to_uint8(digits), nrow=8, scale=3).save(os.path.join(save_directory, "samples.png"))
         self.model_card(training_args).save(os.path.join(save_directory, "README.md"))
 
     def example_conditions(self, n: int) -> dict:
@@ -336,13 +434,14 @@ class MNISTDiffusionPipeline(DDPMPipeline):
 
     def model_card(self, training_args: dict | None = None) -> ModelCard:
         """A Hub model card: metadata, a sample grid, how to load and sample, and the training settings."""
+        dataset = (training_args or {}).get("dataset_name")
         task = {"none": "unconditional-image-generation", "class": "image-generation", "text": "text-to-image"}
         data = ModelCardData(
             library_name="diffusers",
             license="apache-2.0",
             pipeline_tag=task[self.conditioning],
             tags=[task[self.conditioning], "diffusers", "ddpm", "mnist"],
-            datasets=[training_args["dataset_name"]] if training_args and training_args.get("dataset_name") else None,
+            datasets=[dataset] if dataset and not os.path.exists(dataset) else None,  # Hub ids only, not local paths
         )
         steps = self.scheduler.config.num_train_timesteps
         params = sum(p.numel() for p in self.unet.parameters())
