@@ -30,13 +30,15 @@ from tqdm.auto import tqdm
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
 from pipeline.data import load_images
-from pipeline.evaluate import evaluate_digits, reference_features
+from pipeline.evaluate import MIN_SAMPLES, evaluate_digits, reference_features
 from pipeline.loss import DiffusionLoss
 from pipeline.model import NUM_CLASSES, caption_states, load_text_encoder
 from pipeline.pipeline_mnist_diffusion import to_uint8
 from pipeline.sampling import DEFAULT_SAMPLER, default_mixed_precision, digit_cycle, generate, make_scheduler
 from pipeline.training import (
     CHECKPOINT_CONFIG,
+    TRAINING_STATE,
+    OutputDirLock,
     StopSignals,
     TrainingClock,
     checkpoint_step,
@@ -44,10 +46,13 @@ from pipeline.training import (
     epoch_permutation,
     find_checkpoint,
     micro_batch_slice,
+    read_training_state,
     remove_partial_checkpoints,
     resolve_resume,
     save_checkpoint,
     seed_for,
+    set_aside_newer_checkpoints,
+    setting_changes,
     use_plain_attention,
 )
 
@@ -174,12 +179,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
-                 "save_images_epochs", "save_model_epochs", "checkpointing_steps", "eval_num_samples"):  # fmt: skip
+                 "save_images_epochs", "save_model_epochs", "checkpointing_steps"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.eval_num_samples < MIN_SAMPLES:
+        parser.error(
+            f"--eval_num_samples must be at least {MIN_SAMPLES} (scoring needs them), got {args.eval_num_samples}."
+        )
     if not 0 <= args.condition_dropout < 1:
         parser.error(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}.")
     if args.learning_rate <= 0:
@@ -350,16 +359,18 @@ def main(args: argparse.Namespace) -> None:
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, model_config)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
-    if accelerator.is_main_process:
-        remove_partial_checkpoints(args.output_dir)
-    repo_id = None
-    if args.push_to_hub and accelerator.is_main_process:
-        repo_id = create_repo(
-            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-            exist_ok=True,
-            private=args.hub_private_repo,
-            token=args.hub_token,
-        ).repo_id
+    state = read_training_state(resume_path) if resume_path is not None else None
+    schedule_changes = []
+    if state is not None:  # checkpoints written before training_state.json existed are not compared
+        breaking, schedule_changes = setting_changes(
+            {**state["args"], "num_processes": state["num_processes"]},
+            {**training_args, "num_processes": accelerator.num_processes},
+        )
+        if breaking:
+            raise ValueError(
+                f"Checkpoint {resume_path} was written with other settings ({'; '.join(breaking)}), so resuming "
+                "would not continue that run. Resume with its settings, or train into a new --output_dir."
+            )
 
     # Data: decoded once into a uint8 tensor on the device; batches are slices of a per-epoch permutation.
     images, labels = load_data(args, accelerator, model.config.sample_size)
@@ -380,6 +391,20 @@ def main(args: argparse.Namespace) -> None:
         )
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    repo_id = None
+    if accelerator.is_main_process:  # from here on this run writes to --output_dir, and no other run may
+        _lock = OutputDirLock(args.output_dir)
+        remove_partial_checkpoints(args.output_dir)
+        if resume_path is not None:
+            for path in set_aside_newer_checkpoints(args.output_dir, checkpoint_step(resume_path)):
+                accelerator.print(f"Set aside {path}: it is not in the lineage of {resume_path}.")
+        if args.push_to_hub:
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                exist_ok=True,
+                private=args.hub_private_repo,
+                token=args.hub_token,
+            ).repo_id
 
     # Optimizer, LR schedule, EMA and the objective.
     optimizer, lr_scheduler, ema_model = make_optimization(args, model, max_train_steps)
@@ -395,13 +420,22 @@ def main(args: argparse.Namespace) -> None:
     )
 
     # Checkpoints hold what `save_state` saves (weights, optimizer, LR schedule, RNG) plus the EMA weights
-    # (safetensors, the diffusers way) and the model config that resuming checks against.
+    # (safetensors, the diffusers way), and the model config, settings and training minutes that resuming reads.
+    clock = TrainingClock()
+
     def save_model_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
             with open(os.path.join(output_dir, CHECKPOINT_CONFIG), "w") as f:
                 json.dump(model_config, f, indent=2, default=list)
+            state = {
+                "train_minutes": clock.minutes(),
+                "num_processes": accelerator.num_processes,
+                "args": training_args,
+            }
+            with open(os.path.join(output_dir, TRAINING_STATE), "w") as f:
+                json.dump(state, f, indent=2, default=list)
 
     def load_model_hook(models: list, input_dir: str) -> None:
         if ema_model is not None:
@@ -426,6 +460,17 @@ def main(args: argparse.Namespace) -> None:
             ) from e
         global_step = checkpoint_step(resume_path)
         accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
+        if schedule_changes:  # e.g. a lower learning rate after a divergence: the schedule continues from here
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = args.learning_rate
+            lr_scheduler.scheduler = get_scheduler(
+                args.lr_scheduler,
+                lr_scheduler.scheduler.optimizer,
+                num_warmup_steps=args.lr_warmup_steps,
+                num_training_steps=max_train_steps,
+                last_epoch=global_step - 1,
+            )
+            accelerator.print(f"Applied from step {global_step} on: {'; '.join(schedule_changes)}.")
 
     if accelerator.is_main_process:
         # Trackers take scalars and strings only.
@@ -446,7 +491,7 @@ def main(args: argparse.Namespace) -> None:
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     stop = StopSignals()  # SIGTERM or Ctrl-C: finish the step, checkpoint, say how to resume
-    clock = TrainingClock()
+    clock.start(state["train_minutes"] if state is not None else 0.0)
     permutation, permutation_epoch = None, None
     model.train()
     while global_step < max_train_steps:
@@ -548,8 +593,10 @@ def cli(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         main(args)
+        return
     except (ValueError, OSError, FloatingPointError) as e:
-        sys.exit(f"train_ddpm.py: error: {e}")
+        message = f"train_ddpm.py: error: {e}"
+    sys.exit(message)  # outside the handler, so that nothing keeps the failed run (and its output-dir lock) alive
 
 
 if __name__ == "__main__":

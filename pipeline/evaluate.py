@@ -88,10 +88,15 @@ def reference_features(dataset_name: str, split: str = "test", cache_dir: str | 
     return features
 
 
+MIN_SAMPLES = 4  # precision and recall need each digit's k = 3 nearest others
+
+
 def evaluate_digits(
     digits: np.ndarray, real_features: np.ndarray, labels: np.ndarray | None = None, k: int = 3
 ) -> dict:
     """All metrics for uint8 digits `(N, 28, 28)` against real features; label accuracy if `labels` are given."""
+    if len(digits) < MIN_SAMPLES:
+        raise ValueError(f"Scoring needs at least {MIN_SAMPLES} digits, got {len(digits)}.")
     features, probs = (t.numpy() for t in classify(load_classifier(), torch.from_numpy(digits)))
     precision, recall = precision_recall(real_features, features, k)
     results = {

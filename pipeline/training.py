@@ -1,6 +1,7 @@
 """What `train_ddpm.py` builds its loop from: atomic checkpoints, exact data order, EMA swaps, stop signals."""
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -17,6 +18,16 @@ from diffusers.training_utils import EMAModel
 
 CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
 CHECKPOINT_CONFIG = "model_config.json"  # the model and scheduler configs a checkpoint was written with
+TRAINING_STATE = "training_state.json"  # the settings it was written with, and the training minutes so far
+# Settings a resumed run may change. The learning-rate schedule is rebuilt from the new ones, from the resume step on.
+SCHEDULE_SETTINGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "num_epochs", "max_train_steps")
+# These touch no step's data, noise or update, or (precision, clipping) are what a diverged run needs changed.
+FREE_SETTINGS = (
+    "output_dir", "resume_from_checkpoint", "logger", "logging_dir", "save_images_epochs", "save_model_epochs",
+    "eval_epochs", "eval_num_samples", "eval_split", "eval_batch_size", "checkpointing_steps",
+    "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_private_repo", "dataloader_num_workers",
+    "cache_dir", "mixed_precision", "max_grad_norm",
+)  # fmt: skip
 
 
 def checkpoint_steps(output_dir: str) -> list[int]:
@@ -88,6 +99,57 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None, model_co
     for component in ("unet", "scheduler"):
         check_same_config(saved[component], model_config[component], f"Checkpoint {path}")
     return path
+
+
+def setting_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """The settings that differ from a checkpoint's, as "name: old -> new": those that would break exact resumption,
+    and the learning-rate schedule's, which a resumed run applies."""
+    changed = sorted(
+        k for k in saved.keys() | current.keys() if k not in FREE_SETTINGS and saved.get(k) != current.get(k)
+    )
+    describe = {k: f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed}
+    breaking = [text for k, text in describe.items() if k not in SCHEDULE_SETTINGS]
+    return breaking, [text for k, text in describe.items() if k in SCHEDULE_SETTINGS]
+
+
+def read_training_state(checkpoint: str) -> dict | None:
+    """What `training_state.json` holds, or None for a checkpoint written before it existed."""
+    path = os.path.join(checkpoint, TRAINING_STATE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"Checkpoint {checkpoint} is incomplete or corrupt ({e}).") from e
+
+
+def set_aside_newer_checkpoints(output_dir: str, step: int) -> list[str]:
+    """Rename the checkpoints after `step` to `superseded-checkpoint-N`, so that "latest" follows the resumed run."""
+    moved = []
+    for newer in [s for s in checkpoint_steps(output_dir) if s > step]:
+        target = os.path.join(output_dir, f"superseded-checkpoint-{newer}")
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(output_dir, f"checkpoint-{newer}"), target)
+        moved.append(target)
+    return moved
+
+
+class OutputDirLock:
+    """An exclusive lock on a training output folder, held while the process lives (the OS drops it if it dies)."""
+
+    def __init__(self, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, ".train_ddpm.lock"), "w")  # noqa: SIM115 (held for the run)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ValueError(
+                f"Another training run is writing to --output_dir {output_dir}. Wait for it to end, or train into "
+                "a new --output_dir."
+            ) from None
 
 
 def remove_partial_checkpoints(output_dir: str) -> None:
@@ -197,10 +259,15 @@ class StopSignals:
 
 
 class TrainingClock:
-    """Minutes of training, without the pauses spent sampling, scoring and saving."""
+    """Minutes of training, without the pauses spent sampling, scoring and saving; a resumed run starts from the
+    minutes its checkpoint recorded."""
 
     def __init__(self) -> None:
-        self.start, self.pauses = time.perf_counter(), 0.0
+        self.start()
+
+    def start(self, minutes_before: float = 0.0) -> None:
+        """Start counting, from the minutes an earlier run recorded."""
+        self.started, self.pauses = time.perf_counter() - 60 * minutes_before, 0.0
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -213,4 +280,4 @@ class TrainingClock:
 
     def minutes(self) -> float:
         """Training minutes so far."""
-        return (time.perf_counter() - self.start - self.pauses) / 60
+        return (time.perf_counter() - self.started - self.pauses) / 60

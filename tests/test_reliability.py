@@ -195,3 +195,56 @@ def test_resuming_never_unpickles_arbitrary_objects(mnist_dir, tiny_unet_config,
     monkeypatch.setattr(torch, "load", recording_load)
     train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     assert calls and all(weights_only is True for weights_only in calls), calls
+
+
+def test_resuming_applies_a_new_learning_rate_and_refuses_settings_that_break_exactness(
+    mnist_dir, tiny_unet_config, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    resume = base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    resume += ["--resume_from_checkpoint", "latest"]
+    # What the divergence message advises: a lower, constant learning rate from the checkpoint on.
+    lower = ["--learning_rate", "1e-5", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]
+    refused = cli_error(capsys, *resume, *lower, "--train_batch_size", "8", "--seed", "1")
+    assert "--seed: 0 -> 1; --train_batch_size: 16 -> 8" in refused and "Resume with its settings" in refused
+    assert "learning_rate" not in refused  # that one could change
+    train(*resume, *lower)
+    assert "Applied from step 2 on: --learning_rate: 0.001 -> 1e-05" in capsys.readouterr().out
+    optimizer = torch.load(out / "checkpoint-4" / "optimizer.bin", weights_only=True)
+    assert [group["lr"] for group in optimizer["param_groups"]] == [1e-5]
+
+
+def test_one_run_at_a_time_per_output_dir_and_a_dead_run_frees_it(mnist_dir, tiny_unet_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.training import OutputDirLock; "
+         f"lock = OutputDirLock({str(out)!r}); print('locked', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    message = cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2"))
+    assert "Another training run is writing to --output_dir" in message
+    holder.kill()  # the OS drops a dead run's lock: no stale lock file blocks the next run
+    holder.wait()
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2"))
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(mnist_dir, tiny_unet_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "6", "--checkpointing_steps", "3",
+                     "--checkpoints_total_limit", "1", "--resume_from_checkpoint", str(out / "checkpoint-2")))  # fmt: skip
+    assert "Set aside" in capsys.readouterr().out
+    assert find_checkpoint(str(out)) == str(out / "checkpoint-6")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-6",
+        "superseded-checkpoint-4",
+    ]
+
+
+def test_too_few_evaluation_samples_are_refused_before_training(mnist_dir, tiny_unet_config, tmp_path, capsys):
+    args = base_args(mnist_dir, tiny_unet_config, tmp_path / "run", "--eval_epochs", "1", "--eval_num_samples", "3")
+    assert "--eval_num_samples must be at least 4" in cli_error(capsys, *args)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,47 @@
+"""What a benchmark ran on: every benchmark prints and records it, since figures only compare within one machine."""
+
+import os
+import platform
+import time
+
+import torch
+
+# The CPU features that decide which kernels torch can use here (bf16 needs avx512_bf16 or amx_bf16).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def matmul_tflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Measured TFLOP/s of a large square matmul: the practical ceiling for this hardware and dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def describe(device: torch.device) -> dict:
+    """The processor, its relevant flags, threads, versions and measured matmul peaks."""
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or "cpu"}
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        info["cpu"] = next(
+            (line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), "cpu"
+        )
+        flags = set(
+            next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        )
+        info["cpu_flags"] = [flag for flag in CPU_FLAGS if flag in flags]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    info["matmul_tflops"] = {
+        "fp32": matmul_tflops(torch.float32, device),
+        "bf16": matmul_tflops(torch.bfloat16, device),
+    }
+    return info
