@@ -238,7 +238,7 @@ def load_data(
         return images.to(accelerator.device), None
     if labels is None:
         raise ValueError(
-            f"--conditioning {args.conditioning} needs digit labels, and the dataset has no label column: "
+            f"--conditioning {args.conditioning} needs digit labels, and the dataset has no column of integer labels: "
             "name it with --label_column."
         )
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:

@@ -6,13 +6,23 @@ import os
 import re
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
+from PIL import Image
 
 from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid
-from .sampling import DEFAULT_SAMPLER, SCHEDULERS, digit_cycle, generate, load_pipeline, sampling_precision
+from .sampling import (
+    DEFAULT_SAMPLER,
+    SCHEDULERS,
+    digit_cycle,
+    generate,
+    generate_batches,
+    load_pipeline,
+    sampling_precision,
+)
 
 
 def positive_int(text: str) -> int:
@@ -35,18 +45,40 @@ def writable(path: str) -> str:
     return path
 
 
-def sample(args: argparse.Namespace) -> None:
-    """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
-    for path in (args.out, args.npz):
+def check_sample_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written as asked, before any digit is drawn."""
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out}: name the grid with an image extension, e.g. {args.out}.png.")
+    if args.npz and (os.path.isdir(args.npz) or not args.npz.endswith(".npz")):
+        raise ValueError(f"--npz {args.npz}: give a file name ending in .npz, e.g. digits.npz.")
+    if args.images_dir and os.path.exists(args.images_dir) and not os.path.isdir(args.images_dir):
+        raise ValueError(f"--images_dir {args.images_dir} is a file; give a folder.")
+    for path in (args.out, args.npz, args.images_dir and os.path.join(args.images_dir, "00000.png")):
         if path:
             writable(path)
+
+
+def sample(args: argparse.Namespace) -> None:
+    """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
+    check_sample_outputs(args)
     pipe = load_pipeline(args.model, args.scheduler)
     labels = np.resize(args.class_labels, args.num_images) if args.class_labels else None
-    with sampling_precision(pipe.device, args.precision):
-        digits = generate(
-            pipe, args.num_images, args.seed, args.batch_size, sampler_steps(args), labels, args.prompt,
-            args.negative_prompt, args.guidance_scale,
-        )  # fmt: skip
+    print(
+        f"Sampling {args.num_images:,} digits ({args.num_images * 28 * 28 / 2**20:,.0f} MiB); Ctrl-C keeps those done."
+    )
+    batches = []
+    try:
+        with sampling_precision(pipe.device, args.precision):
+            for batch in generate_batches(
+                pipe, args.num_images, args.seed, args.batch_size, sampler_steps(args), labels, args.prompt,
+                args.negative_prompt, args.guidance_scale,
+            ):  # fmt: skip
+                batches.append(batch)
+    except KeyboardInterrupt:
+        if not batches:
+            raise ValueError("Interrupted before the first batch was done; nothing written.") from None
+        print(f"Interrupted: writing the {sum(map(len, batches))} digits done.")
+    digits = np.concatenate(batches)
     image_grid(digits, nrow=args.nrow, scale=args.scale).save(args.out)
     if args.images_dir:
         os.makedirs(args.images_dir, exist_ok=True)
@@ -65,25 +97,38 @@ def sampler_steps(args: argparse.Namespace) -> int | None:
 
 
 def read_digits(path: str) -> np.ndarray:
-    """uint8 digits `(N, 28, 28)` from an .npy, an .npz (key 'images') or a folder of PNGs."""
+    """uint8 digits `(N, 28, 28)` from an .npy, an .npz (key 'images') or a folder of PNGs; float arrays in [0, 1]
+    (the pipeline's "np" output) or in [0, 255] are scaled by their range."""
     if os.path.isdir(path):
-        from PIL import Image
-
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
         if not files:
             raise ValueError(f"--samples {path}: the folder holds no .png files.")
         digits = np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("L")) for f in files])
     elif path.endswith((".npy", ".npz")) and os.path.isfile(path):
-        digits = np.load(path)
-        digits = digits["images"] if path.endswith(".npz") else digits
+        try:
+            digits = np.load(path)
+            if path.endswith(".npz"):
+                if "images" not in digits:
+                    raise ValueError(f"--samples {path}: the .npz holds {list(digits)}, not the key 'images'.")
+                digits = digits["images"]
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"--samples {path}: not a readable {os.path.splitext(path)[1]} file ({e}).") from e
     else:
         raise FileNotFoundError(f"--samples {path}: no such .npy or .npz file or folder of PNGs.")
-    digits = digits.squeeze()
+    if digits.ndim == 2:
+        digits = digits[None]
+    if digits.ndim == 4 and digits.shape[3] == 1:  # (N, 28, 28, 1), the pipeline's "np" layout
+        digits = digits[..., 0]
+    elif digits.ndim == 4 and digits.shape[1] == 1:  # (N, 1, 28, 28), its "pt" layout
+        digits = digits[:, 0]
     if digits.ndim != 3 or digits.shape[1:] != (28, 28):
         raise ValueError(f"--samples {path}: expected (N, 28, 28) digits, got shape {digits.shape}.")
-    if digits.dtype != np.uint8:  # floats in [0, 1], as the pipeline's "np" output
-        digits = (np.clip(digits, 0, 1) * 255).round().astype(np.uint8)
-    return digits
+    if digits.dtype == np.uint8:
+        return digits
+    if digits.size and (not np.isfinite(digits).all() or digits.min() < 0 or digits.max() > 255):
+        raise ValueError(f"--samples {path}: pixel values must lie in [0, 1] or [0, 255].")
+    scale = 255 if np.issubdtype(digits.dtype, np.floating) and digits.size and digits.max() <= 1 else 1
+    return (digits.astype(np.float64) * scale).round().astype(np.uint8)
 
 
 def card_training_args(folder: str) -> dict | None:
@@ -129,12 +174,14 @@ def evaluate(args: argparse.Namespace) -> None:
     """Score generated digits against the real test set and print a table (and write JSON)."""
     import json
 
-    from .evaluate import MAX_ENTROPY, evaluate_digits, reference_features
+    from .evaluate import MAX_ENTROPY, MIN_SAMPLES, evaluate_digits, reference_features
 
     if args.out:
         writable(args.out)
     if (args.model is None) == (args.samples is None):
         raise ValueError("Give exactly one of --model (to generate digits) or --samples (digits made elsewhere).")
+    if args.model and args.num_samples < MIN_SAMPLES:
+        raise ValueError(f"--num_samples must be at least {MIN_SAMPLES} for the scores, got {args.num_samples}.")
     labels = None
     if args.samples:
         digits = read_digits(args.samples)

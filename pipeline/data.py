@@ -84,6 +84,7 @@ def load_images(
             f"Dataset {name!r} has no image column{f' {image_column!r}' if image_column else ''}; its columns are "
             f"{dict(dataset.features)}. Name it with --image_column."
         )
+    named_label_column = label_column is not None
     if label_column is None:
         label_column = _find_column(dataset.features, datasets.ClassLabel, LABEL_COLUMN_NAMES)
     elif label_column not in dataset.features:
@@ -134,5 +135,13 @@ def load_images(
     )
     # datasets' numpy formatter widens integers to int64 unless told the dtype: 8x the memory.
     images = torch.from_numpy(dataset.with_format("numpy", dtype=np.uint8)["pixels"][:]).unsqueeze(1).contiguous()
-    labels = torch.from_numpy(dataset.with_format("numpy")[label_column][:]) if label_column else None
+    labels = None
+    if label_column:
+        values = dataset.with_format("numpy")[label_column][:]
+        if values.dtype.kind in "iu":  # strings, floats or missing values are no class labels
+            labels = torch.from_numpy(values.astype(np.int64))
+        elif named_label_column:
+            raise ValueError(
+                f"Column {label_column!r} of {name!r} holds {values.dtype} values; class labels must be integers."
+            )
     return images, labels

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def digit_cycle(n: int) -> np.ndarray:
     return np.arange(n) % NUM_CLASSES
 
 
-def generate(
+def generate_batches(
     pipe: MNISTDiffusionPipeline,
     num_images: int,
     seed: int,
@@ -82,12 +83,11 @@ def generate(
     negative_prompt: str | None = None,
     guidance_scale: float = 2.0,
     progress: bool = True,
-) -> np.ndarray:
-    """`num_images` digits as uint8 `(N, 28, 28)`; digit i comes from seed + i, whatever the batch size.
+) -> Iterator[np.ndarray]:
+    """`num_images` digits as uint8 `(B, 28, 28)` batches; digit i comes from seed + i, whatever the batch size.
 
     Digit i is asked to be `labels[i]` (a class label, or a prompt about it for text models) or `prompt`."""
     pipe.set_progress_bar_config(disable=True)
-    digits = []
     with tqdm(total=num_images, desc="Sampling", unit="img", disable=not progress) as bar:
         for start in range(0, num_images, batch_size):
             seeds = range(seed + start, seed + min(start + batch_size, num_images))
@@ -107,6 +107,10 @@ def generate(
                 guidance_scale=guidance_scale,
                 **condition,
             )
-            digits.append(to_uint8(output.images))
             bar.update(len(generators))
-    return np.concatenate(digits)
+            yield to_uint8(output.images)
+
+
+def generate(pipe: MNISTDiffusionPipeline, num_images: int, seed: int, batch_size: int, *args, **kwargs) -> np.ndarray:
+    """All of `generate_batches` at once: `(num_images, 28, 28)` uint8."""
+    return np.concatenate(list(generate_batches(pipe, num_images, seed, batch_size, *args, **kwargs)))

@@ -118,6 +118,14 @@ def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, 
         (["sample", "--model", "{tmp}", "--out", "{tmp}/g.png"], "is not a saved pipeline"),
         (["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--num_inference_steps", "80"], "between 1 and 50"),
         (["sample", "--model", "{model}", "--out", "{file}/g.png"], "Cannot write"),
+        (["sample", "--model", "{model}", "--out", "{tmp}/grid"], "with an image extension, e.g. "),
+        (["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--npz", "{tmp}"], "ending in .npz"),
+        (["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--npz", "{tmp}/digits"], "ending in .npz"),
+        (
+            ["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--images_dir", "{file}"],
+            "is a file; give a folder",
+        ),
+        (["evaluate", "--model", "{model}", "--num_samples", "3"], "--num_samples must be at least 4"),
         (
             ["visualize", "forward", "--model", "{model}", "--out", "{tmp}/f.png", "--dataset_name", "{mnist}"]
             + ["--split", "test", "--index", "32"],
@@ -140,3 +148,30 @@ def test_non_positive_counts_are_rejected_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_interrupted_sampling_writes_the_digits_done(model_dir, tmp_path, monkeypatch, capsys):
+    import pipeline.cli as cli
+
+    def two_batches_then_ctrl_c(*args, **kwargs):
+        yield np.zeros((2, 28, 28), np.uint8)
+        yield np.ones((2, 28, 28), np.uint8)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "generate_batches", two_batches_then_ctrl_c)
+    npz = tmp_path / "digits.npz"
+    main(
+        [
+            "sample",
+            "--model",
+            str(model_dir),
+            "--num_images",
+            "100",
+            "--out",
+            str(tmp_path / "g.png"),
+            "--npz",
+            str(npz),
+        ]
+    )
+    assert "writing the 4 digits done" in capsys.readouterr().out
+    assert np.load(npz)["images"].shape == (4, 28, 28) and (tmp_path / "g.png").is_file()

@@ -1,5 +1,6 @@
 """Loading datasets into uint8 tensors, and the errors bad datasets get."""
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -77,3 +78,17 @@ def test_empty_dataset(tmp_path):
     half_empty = write_hub_dataset(tmp_path / "half", {"train": draw_digits(2, seed=0), "test": ([], [])})
     with pytest.raises(ValueError, match='"test" corresponds to no data'):
         load_images(str(half_empty), split="test")
+
+
+def test_labels_that_are_not_integers_are_no_labels(tmp_path):
+    images, _ = draw_digits(4, seed=0)
+    for name, labels in {
+        "strings": ["7", "1", "2", "3"],
+        "floats": [7.0, 1.5, 2.0, 3.0],
+        "missing": [7, None, 2, 3],
+    }.items():
+        datasets.Dataset.from_dict({"image": images, "label": labels}).to_parquet(tmp_path / name / "train-0.parquet")
+        pixels, found = load_images(str(tmp_path / name))  # unconditional training needs no labels
+        assert pixels.shape == (4, 1, 28, 28) and found is None, name
+        with pytest.raises(ValueError, match="class labels must be integers"):
+            load_images(str(tmp_path / name), label_column="label")

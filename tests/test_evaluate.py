@@ -99,3 +99,38 @@ def test_evaluate_command_end_to_end(tiny_pipeline, mnist_dir, tmp_path, monkeyp
 def test_evaluate_needs_exactly_one_source(tmp_path):
     with pytest.raises(SystemExit, match="exactly one of --model"):
         main(["evaluate", "--dataset_name", str(tmp_path)])
+
+
+def test_digit_files_in_any_range_or_layout_score_the_same_and_bad_files_are_one_line(tmp_path, monkeypatch):
+    from pipeline.cli import read_digits
+
+    digits = DATA["images"][:8]
+    for name, array in {
+        "uint8.npy": digits,
+        "unit.npy": digits.astype(np.float32) / 255,  # the pipeline's "np" output
+        "bytes_as_float.npy": digits.astype(np.float32),  # [0, 255] floats: not to be clipped to black and white
+        "ints.npy": digits.astype(np.int64),
+        "nhwc.npy": digits[..., None],
+        "nchw.npy": digits[:, None],
+    }.items():
+        np.save(tmp_path / name, array)
+        np.testing.assert_array_equal(read_digits(str(tmp_path / name)), digits, err_msg=name)
+    np.save(tmp_path / "one.npy", digits[0])
+    assert read_digits(str(tmp_path / "one.npy")).shape == (1, 28, 28)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "other.npz", pixels=digits)
+    np.save(tmp_path / "negative.npy", -digits.astype(np.float32))
+    np.save(tmp_path / "none.npy", np.zeros((0, 28, 28), np.uint8))
+    cases = {
+        "empty.npy": "not a readable .npy file",
+        "other.npz": "not the key 'images'",
+        "negative.npy": "must lie in [0, 1] or [0, 255]",
+        "one.npy": "needs at least 4 digits, got 1",
+        "none.npy": "needs at least 4 digits, got 0",
+    }
+    monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("pipeline.evaluate.reference_features", lambda *a: np.zeros((10, 128)))
+    for name, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["evaluate", "--samples", str(tmp_path / name)])
+        assert message in str(exit_info.value.code) and "Traceback" not in str(exit_info.value.code), name
