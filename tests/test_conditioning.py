@@ -89,11 +89,21 @@ def test_unconditional_folders_have_no_text_components(tiny_pipeline, tmp_path):
     assert pipe.conditioning == "none" and pipe.text_encoder is None and pipe.tokenizer is None
 
 
+def test_numpy_and_tensor_labels_are_whole_numbers_too(class_model):
+    pipe = MNISTDiffusionPipeline.from_pretrained(class_model)
+    pipe.set_progress_bar_config(disable=True)
+    for labels in (np.int64(7), np.array([7]), torch.tensor([7]), [np.int64(7)]):
+        assert len(pipe(class_labels=labels, num_inference_steps=2, output_type="np").images) == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"class_labels": [3, 10]}, "whole numbers in 0..9"),
         ({"class_labels": [-1]}, "whole numbers in 0..9"),
+        ({"class_labels": [1.5]}, "whole numbers in 0..9, got \\[1.5\\]"),
+        ({"class_labels": [7.0]}, "whole numbers in 0..9, got \\[7.0\\]"),
+        ({"class_labels": [1], "guidance_scale": float("nan")}, "at least 1"),
         ({"prompt": "a handwritten 7"}, "pass `class_labels` instead"),
         ({"class_labels": [1], "guidance_scale": 0.5}, "at least 1"),
         ({"class_labels": [1, 2, 3], "batch_size": 2}, "Got 3 `class_labels` for batch_size=2"),
