@@ -505,17 +505,20 @@ def main(args: argparse.Namespace) -> None:
                                   accelerator.num_processes, accelerator.process_index, args.train_batch_size)
             ]  # fmt: skip
             clean_images = images[batch].float() / 127.5 - 1
-            generator = torch.Generator(device).manual_seed(
-                seed_for(args.seed, 1, global_step, micro_step, accelerator.process_index)
-            )
+            # The global batch's draws, the same on every process: each takes its shard (DiffusionLoss).
+            generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, micro_step, 0))
+            shard = (accelerator.process_index, accelerator.num_processes)
             condition = {}
             if args.conditioning == "class":
                 condition["class_labels"] = labels[batch]
             elif args.conditioning == "text":
-                template = torch.randint(captions.shape[1], (len(batch),), generator=generator, device=device)
+                templates = torch.randint(
+                    captions.shape[1], (len(batch) * shard[1],), generator=generator, device=device
+                )
+                template = templates[shard[0] * len(batch) : (shard[0] + 1) * len(batch)]
                 condition["encoder_hidden_states"] = captions[labels[batch], template]
             with accelerator.accumulate(model):
-                loss = loss_fn(model, clean_images, generator, condition, null_condition)
+                loss = loss_fn(model, clean_images, generator, condition, null_condition, shard)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -74,16 +74,22 @@ class DiffusionLoss:
         generator: torch.Generator,
         condition: dict[str, torch.Tensor] | None = None,
         null_condition: dict[str, torch.Tensor] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> torch.Tensor:
-        """The mean loss of `model` on one batch; every random draw comes from `generator`, so resuming is exact."""
-        device = clean_images.device
-        noise = torch.randn(clean_images.shape, generator=generator, device=device)
-        timesteps = self.sample_timesteps(len(clean_images), generator, device)
+        """The mean loss of `model` on one batch; every random draw comes from `generator`, so resuming is exact.
+
+        With `shard=(index, count)` the batch is part `index` of a global batch split over `count` processes: the
+        draws are made for the global batch, the same on every process, and each takes its part, so that any number
+        of processes trains exactly as one process with the global batch does."""
+        device, size = clean_images.device, len(clean_images)
+        part = slice(shard[0] * size, (shard[0] + 1) * size)
+        noise = torch.randn((size * shard[1], *clean_images.shape[1:]), generator=generator, device=device)[part]
+        timesteps = self.sample_timesteps(size * shard[1], generator, device)[part]
         if self.immiscible:
             noise = immiscible_noise(clean_images, noise)
         condition = dict(condition or {})
         if condition and self.condition_dropout > 0:
-            dropped = torch.rand(len(clean_images), generator=generator, device=device) < self.condition_dropout
+            dropped = torch.rand(size * shard[1], generator=generator, device=device)[part] < self.condition_dropout
             for name, value in condition.items():
                 keep = dropped.view(-1, *[1] * (value.dim() - 1))
                 condition[name] = torch.where(keep, null_condition[name].to(value.dtype), value)

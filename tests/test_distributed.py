@@ -1,0 +1,94 @@
+"""Several processes and machines: the data sharding, the shared random draws, and two "machines" on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, assert_same_weights, base_args, train
+
+from pipeline import create_model_and_scheduler
+from pipeline.loss import DiffusionLoss
+from pipeline.training import micro_batch_slice
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 3])
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_every_image_once_per_epoch_across_ranks(num_processes, accumulation_steps):
+    num_images, size = 100, 4
+    steps_per_epoch = num_images // (size * accumulation_steps * num_processes)
+    seen = [
+        i
+        for step in range(steps_per_epoch)
+        for micro_step in range(accumulation_steps)
+        for rank in range(num_processes)
+        for i in range(num_images)[micro_batch_slice(step, micro_step, accumulation_steps, num_processes, rank, size)]
+    ]
+    assert len(seen) == len(set(seen)) == steps_per_epoch * size * accumulation_steps * num_processes
+    assert set(seen) == set(range(len(seen)))  # the leading images of the epoch's permutation, none twice
+
+
+def test_shards_of_a_global_batch_draw_what_one_process_draws():
+    _, scheduler = create_model_and_scheduler()
+    inputs = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, noisy, timesteps, class_labels=None):
+            inputs.append((noisy, timesteps, class_labels))
+            return type("Output", (), {"sample": noisy})
+
+    loss = DiffusionLoss(scheduler, condition_dropout=0.5)
+    images, labels = torch.randn(6, 1, 28, 28), torch.arange(6)
+    null = {"class_labels": torch.tensor(10)}
+    loss(Recorder(), images, torch.Generator().manual_seed(0), {"class_labels": labels}, null)
+    for rank in range(3):
+        part = slice(2 * rank, 2 * rank + 2)
+        condition = {"class_labels": labels[part]}
+        loss(Recorder(), images[part], torch.Generator().manual_seed(0), condition, null, shard=(rank, 3))
+    whole, shards = inputs[0], inputs[1:]
+    for i in range(3):
+        torch.testing.assert_close(torch.cat([s[i] for s in shards]), whole[i], rtol=0, atol=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_train_what_one_process_trains(mnist_dir, tiny_unet_config, tmp_path):
+    flags = ["--num_epochs", "2", "--checkpointing_steps", "4", "--mixed_precision", "no", "--lr_warmup_steps", "2"]
+    # Adam scales every step to the learning rate, so rounding noise in a gradient that is zero in exact arithmetic
+    # (a convolution's bias before GroupNorm) becomes a full step; epsilon 1 keeps steps proportional to gradients.
+    flags += ["--adam_epsilon", "1"]
+    # One process, global batch 32.
+    single = tmp_path / "single"
+    train(*base_args(mnist_dir, tiny_unet_config, single, *flags, "--train_batch_size", "32"))
+    # Two "machines" on loopback, one process each, 16 images each: the same global batch. The output folder is the
+    # one storage they share (docs/distributed.md); each has its own working directory.
+    shared, port = tmp_path / "shared", free_port()
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    nodes = []
+    for rank in (0, 1):
+        workdir = tmp_path / f"node{rank}"
+        workdir.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                   str(ROOT / "train_ddpm.py"), *base_args(mnist_dir, tiny_unet_config, shared, *flags)]  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "Saved the pipeline" in outputs[0] and "Saved the pipeline" not in outputs[1]
+    for name in ("unet/diffusion_pytorch_model.safetensors", "checkpoint-8/model.safetensors"):
+        assert_same_weights(shared / name, single / name)
+    # Rank 1 wrote only its own random state into the checkpoints, and nothing into its working directory.
+    files = lambda root: {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "logs" not in p.parts}  # noqa: E731
+    extra = {f"checkpoint-{s}/random_states_1.pkl" for s in (4, 8)}
+    assert files(shared) == files(single) | extra
+    assert not any((tmp_path / "node1").iterdir())
