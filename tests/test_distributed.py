@@ -1,5 +1,6 @@
 """Several processes and machines: the data sharding, the shared random draws, and two "machines" on loopback."""
 
+import json
 import os
 import socket
 import subprocess
@@ -92,3 +93,18 @@ def test_two_machines_train_what_one_process_trains(mnist_dir, tiny_unet_config,
     extra = {f"checkpoint-{s}/random_states_1.pkl" for s in (4, 8)}
     assert files(shared) == files(single) | extra
     assert not any((tmp_path / "node1").iterdir())
+
+
+def test_gpu_check_runs_in_dry_run_mode(mnist_dir, tiny_unet_config, tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    out = tmp_path / "gpu_check.json"
+    train_args = f"--model_config_name_or_path {tiny_unet_config} --train_batch_size 16 --max_train_steps 2"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry_run", "--dataset_name", str(mnist_dir),
+         "--model", str(tmp_path / "model"), "--num_images", "4", "--train_args", train_args, "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["failed"] == [] and report["dry_run"] and report["sample"]["num_images"] == 4
+    assert report["train_one_epoch_eager"]["exit_code"] == 0
