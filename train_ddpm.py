@@ -439,6 +439,8 @@ def main(args: argparse.Namespace) -> None:
 
     def load_model_hook(models: list, input_dir: str) -> None:
         if ema_model is not None:
+            if not os.path.isdir(os.path.join(input_dir, "unet_ema")):
+                raise ValueError(f"{input_dir}/unet_ema, the EMA weights, is missing (or the run had --no-use_ema)")
             ema_model.load_state_dict(
                 EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(model)).state_dict()
             )
@@ -454,9 +456,13 @@ def main(args: argparse.Namespace) -> None:
         try:
             accelerator.load_state(resume_path)
         except Exception as e:  # safetensors, torch.load and json errors alike mean the files are damaged
+            # torch.load's own advice (to unpickle with weights_only=False) is never the fix for a damaged file.
+            detail = (
+                str(e).splitlines()[0] if "weights_only" not in str(e).lower() else "not a file torch can read safely"
+            )
             raise ValueError(
-                f"Checkpoint {resume_path} could not be loaded ({type(e).__name__}: {e}). It is corrupt or incomplete: "
-                "resume from an earlier checkpoint-N folder instead."
+                f"Checkpoint {resume_path} could not be loaded ({type(e).__name__}: {detail}). It is corrupt or "
+                "incomplete: resume from an earlier checkpoint-N folder instead."
             ) from e
         global_step = checkpoint_step(resume_path)
         accelerator.print(f"Resumed from {resume_path} at step {global_step}.")

@@ -6,6 +6,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .data import looks_like_path
 from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, check_unet_config
 
 NUM_TRAIN_TIMESTEPS = 50
@@ -60,6 +61,10 @@ def create_model_and_scheduler(
         config["up_block_types"] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
         config["attention_head_dim"] = 8
     if model_config_name_or_path is not None:
+        if looks_like_path(str(model_config_name_or_path)) and not os.path.exists(model_config_name_or_path):
+            raise FileNotFoundError(
+                f"--model_config_name_or_path {model_config_name_or_path}: no such file or folder."
+            )
         config = UNet2DModel.load_config(model_config_name_or_path)
     if conditioning == "text":
         config = {**config, "cross_attention_dim": cross_attention_dim}

@@ -3,6 +3,7 @@
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,3 +249,23 @@ def test_too_few_evaluation_samples_are_refused_before_training(mnist_dir, tiny_
     args = base_args(mnist_dir, tiny_unet_config, tmp_path / "run", "--eval_epochs", "1", "--eval_num_samples", "3")
     assert "--eval_num_samples must be at least 4" in cli_error(capsys, *args)
     assert not (tmp_path / "run").exists()
+
+
+def test_damaged_checkpoints_and_missing_files_are_one_line_without_unsafe_advice(
+    mnist_dir, tiny_unet_config, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    resume = base_args(
+        mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"
+    )
+    for name in ("scheduler.bin", "optimizer.bin"):
+        saved = (out / "checkpoint-2" / name).read_bytes()
+        (out / "checkpoint-2" / name).write_bytes(b"\x80\x04not a pickle")
+        message = cli_error(capsys, *resume)
+        assert "checkpoint-2 could not be loaded" in message and "weights_only" not in message.lower(), message
+        (out / "checkpoint-2" / name).write_bytes(saved)
+    shutil.rmtree(out / "checkpoint-2" / "unet_ema")
+    assert "the EMA weights, is missing" in cli_error(capsys, *resume)
+    missing = base_args(mnist_dir, tmp_path / "no" / "unet", tmp_path / "other")
+    assert "no such file or folder" in cli_error(capsys, *missing)
