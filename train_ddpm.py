@@ -41,18 +41,17 @@ from pipeline.training import (
     OutputDirLock,
     StopSignals,
     TrainingClock,
+    check_resume_settings,
     checkpoint_step,
     ema_weights,
     epoch_permutation,
     find_checkpoint,
     micro_batch_slice,
-    read_training_state,
     remove_partial_checkpoints,
     resolve_resume,
     save_checkpoint,
     seed_for,
     set_aside_newer_checkpoints,
-    setting_changes,
     use_plain_attention,
 )
 
@@ -275,6 +274,40 @@ def make_optimization(
     return optimizer, lr_scheduler, ema_model
 
 
+def claim_output_dir(args: argparse.Namespace, resume_path: str | None) -> tuple[OutputDirLock, str | None]:
+    """Main process: lock --output_dir for this run, tidy it for the resumed lineage, create the Hub repository."""
+    lock = OutputDirLock(args.output_dir)
+    remove_partial_checkpoints(args.output_dir)
+    if resume_path is not None:
+        for path in set_aside_newer_checkpoints(args.output_dir, checkpoint_step(resume_path)):
+            print(f"Set aside {path}: it is not in the lineage of {resume_path}.")
+    repo_id = None
+    if args.push_to_hub:
+        repo_id = create_repo(
+            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            exist_ok=True,
+            private=args.hub_private_repo,
+            token=args.hub_token,
+        ).repo_id
+    return lock, repo_id
+
+
+def restart_lr_schedule(
+    args: argparse.Namespace, lr_scheduler: torch.optim.lr_scheduler.LRScheduler, max_train_steps: int, step: int
+) -> None:
+    """Replace a resumed run's learning-rate schedule by the one its flags now ask for, continuing at `step`."""
+    optimizer = lr_scheduler.scheduler.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = args.learning_rate
+    lr_scheduler.scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=max_train_steps,
+        last_epoch=step - 1,
+    )
+
+
 def save_outputs(
     pipeline: MNISTDiffusionPipeline,
     ema_model: EMAModel | None,
@@ -359,18 +392,7 @@ def main(args: argparse.Namespace) -> None:
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, model_config)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
-    state = read_training_state(resume_path) if resume_path is not None else None
-    schedule_changes = []
-    if state is not None:  # checkpoints written before training_state.json existed are not compared
-        breaking, schedule_changes = setting_changes(
-            {**state["args"], "num_processes": state["num_processes"]},
-            {**training_args, "num_processes": accelerator.num_processes},
-        )
-        if breaking:
-            raise ValueError(
-                f"Checkpoint {resume_path} was written with other settings ({'; '.join(breaking)}), so resuming "
-                "would not continue that run. Resume with its settings, or train into a new --output_dir."
-            )
+    state, schedule_changes = check_resume_settings(resume_path, training_args, accelerator.num_processes)
 
     # Data: decoded once into a uint8 tensor on the device; batches are slices of a per-epoch permutation.
     images, labels = load_data(args, accelerator, model.config.sample_size)
@@ -391,20 +413,8 @@ def main(args: argparse.Namespace) -> None:
         )
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    repo_id = None
     if accelerator.is_main_process:  # from here on this run writes to --output_dir, and no other run may
-        _lock = OutputDirLock(args.output_dir)
-        remove_partial_checkpoints(args.output_dir)
-        if resume_path is not None:
-            for path in set_aside_newer_checkpoints(args.output_dir, checkpoint_step(resume_path)):
-                accelerator.print(f"Set aside {path}: it is not in the lineage of {resume_path}.")
-        if args.push_to_hub:
-            repo_id = create_repo(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                exist_ok=True,
-                private=args.hub_private_repo,
-                token=args.hub_token,
-            ).repo_id
+        _lock, repo_id = claim_output_dir(args, resume_path)
 
     # Optimizer, LR schedule, EMA and the objective.
     optimizer, lr_scheduler, ema_model = make_optimization(args, model, max_train_steps)
@@ -467,15 +477,7 @@ def main(args: argparse.Namespace) -> None:
         global_step = checkpoint_step(resume_path)
         accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
         if schedule_changes:  # e.g. a lower learning rate after a divergence: the schedule continues from here
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] = args.learning_rate
-            lr_scheduler.scheduler = get_scheduler(
-                args.lr_scheduler,
-                lr_scheduler.scheduler.optimizer,
-                num_warmup_steps=args.lr_warmup_steps,
-                num_training_steps=max_train_steps,
-                last_epoch=global_step - 1,
-            )
+            restart_lr_schedule(args, lr_scheduler, max_train_steps, global_step)
             accelerator.print(f"Applied from step {global_step} on: {'; '.join(schedule_changes)}.")
 
     if accelerator.is_main_process:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.training_utils import EMAModel
+from machine import describe, matmul_tflops
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -221,21 +222,6 @@ def convolution_share(step: Callable[[], int], device: torch.device) -> float:
     return sum(getattr(e, own_time) for e in events if "conv" in e.key) / sum(getattr(e, own_time) for e in events)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Measured FLOP/s of a large square matmul: the practical ceiling for this hardware and dtype."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
-
-
 def main() -> None:
     """Measure, print the table and the two ratios, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -250,7 +236,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     keep_freed_memory()
     windows, steps = (3, 3) if args.quick else (5, 5)
+    machine = describe(device)
+    print(json.dumps(machine), flush=True)
     results = {
+        "machine": machine,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -301,7 +290,8 @@ def main() -> None:
     train_flops, convolution_flops, forward_flops = flops_per_image()
     share = convolution_share(train_steps["ours"], device)
     peaks = {
-        str(dtype).removeprefix("torch."): matmul_peak(device, dtype) for dtype in (torch.float32, torch.bfloat16)
+        str(dtype).removeprefix("torch."): 1e12 * matmul_tflops(dtype, device)
+        for dtype in (torch.float32, torch.bfloat16)
     }
     ours_train = results["train"]["ours"]["images_per_s"]
     results.update(

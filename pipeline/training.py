@@ -124,6 +124,24 @@ def read_training_state(checkpoint: str) -> dict | None:
         raise ValueError(f"Checkpoint {checkpoint} is incomplete or corrupt ({e}).") from e
 
 
+def check_resume_settings(checkpoint: str | None, settings: dict, num_processes: int) -> tuple[dict | None, list[str]]:
+    """The checkpoint's training state, and the schedule changes to apply; refuses changes that break exactness.
+
+    Checkpoints written before `training_state.json` existed are not compared."""
+    state = read_training_state(checkpoint) if checkpoint is not None else None
+    if state is None:
+        return None, []
+    breaking, schedule_changes = setting_changes(
+        {**state["args"], "num_processes": state["num_processes"]}, {**settings, "num_processes": num_processes}
+    )
+    if breaking:
+        raise ValueError(
+            f"Checkpoint {checkpoint} was written with other settings ({'; '.join(breaking)}), so resuming would not "
+            "continue that run. Resume with its settings, or train into a new --output_dir."
+        )
+    return state, schedule_changes
+
+
 def set_aside_newer_checkpoints(output_dir: str, step: int) -> list[str]:
     """Rename the checkpoints after `step` to `superseded-checkpoint-N`, so that "latest" follows the resumed run."""
     moved = []
