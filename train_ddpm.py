@@ -475,6 +475,12 @@ def main(args: argparse.Namespace) -> None:
                 "incomplete: resume from an earlier checkpoint-N folder instead."
             ) from e
         global_step = checkpoint_step(resume_path)
+        weights = [model.parameters()] + ([ema_model.shadow_params] if ema_model is not None else [])
+        if not all(torch.isfinite(p).all() for group in weights for p in group):
+            raise ValueError(
+                f"Checkpoint {resume_path} holds weights that are not finite numbers: it is damaged. Resume from an "
+                "earlier checkpoint-N folder instead."
+            )
         accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
         if schedule_changes:  # e.g. a lower learning rate after a divergence: the schedule continues from here
             restart_lr_schedule(args, lr_scheduler, max_train_steps, global_step)
@@ -549,6 +555,13 @@ def main(args: argparse.Namespace) -> None:
         if not math.isfinite(logs["loss"]) or (
             save_now and not all(torch.isfinite(p).all() for p in model.parameters())
         ):
+            if resume_path is not None and global_step == checkpoint_step(resume_path) + 1:
+                # Diverging at once after a resume points at the checkpoint (damaged bytes load as finite garbage).
+                raise FloatingPointError(
+                    f"Training diverged at step {global_step}, the first step after resuming from {resume_path}: "
+                    "that checkpoint may be damaged. Resume from an earlier checkpoint-N folder, or lower "
+                    "--learning_rate if it diverges there too."
+                )
             raise FloatingPointError(
                 f"Training diverged at step {global_step} (loss {logs['loss']:.4g}); nothing of it was saved. "
                 f"The latest checkpoint is {find_checkpoint(args.output_dir) or 'none'}: lower --learning_rate "

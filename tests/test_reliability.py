@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import ROOT, assert_same_weights, base_args, cli_error, train
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.training import find_checkpoint
 
@@ -269,3 +269,25 @@ def test_damaged_checkpoints_and_missing_files_are_one_line_without_unsafe_advic
     assert "the EMA weights, is missing" in cli_error(capsys, *resume)
     missing = base_args(mnist_dir, tmp_path / "no" / "unet", tmp_path / "other")
     assert "no such file or folder" in cli_error(capsys, *missing)
+
+
+def test_damaged_weights_in_a_checkpoint_are_named_not_resumed_from_in_a_loop(
+    mnist_dir, tiny_unet_config, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    weights = out / "checkpoint-2" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4000:-3000] = b"\xff" * 1000  # NaN floats where weights were; the header still parses
+    weights.write_bytes(bytes(data))
+    resume = base_args(
+        mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"
+    )
+    message = cli_error(capsys, *resume)
+    assert "checkpoint-2 holds weights that are not finite numbers: it is damaged" in message
+    # Finite garbage (every weight times 1e30) diverges at the first step: the message points at the checkpoint.
+    shutil.rmtree(out)
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    save_file({k: v * 1e30 for k, v in load_file(str(weights)).items()}, str(weights))
+    message = cli_error(capsys, *resume)
+    assert "the first step after resuming from" in message and "may be damaged" in message, message
