@@ -452,7 +452,7 @@ def main(args: argparse.Namespace) -> None:
             if not os.path.isdir(os.path.join(input_dir, "unet_ema")):
                 raise ValueError(f"{input_dir}/unet_ema, the EMA weights, is missing (or the run had --no-use_ema)")
             ema_model.load_state_dict(
-                EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(model)).state_dict()
+                EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ema_model.model_cls).state_dict()
             )
             ema_model.to(device)
 
@@ -620,6 +620,14 @@ def cli(argv: list[str] | None = None) -> None:
         return
     except (ValueError, OSError, FloatingPointError) as e:
         message = f"train_ddpm.py: error: {e}"
+    except RuntimeError as e:  # a collective failed: another process of the job died
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise
+        message = (
+            f"train_ddpm.py: error: rank {torch.distributed.get_rank()} lost contact with the other processes of the "
+            f"job ({str(e).splitlines()[0][-160:]}): another process or machine failed, and its own log says which. "
+            "Start the job again with --resume_from_checkpoint latest."
+        )
     sys.exit(message)  # outside the handler, so that nothing keeps the failed run (and its output-dir lock) alive
 
 

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -108,3 +110,62 @@ def test_gpu_check_runs_in_dry_run_mode(mnist_dir, tiny_unet_config, tiny_pipeli
     report = json.loads(out.read_text())
     assert report["failed"] == [] and report["dry_run"] and report["sample"]["num_images"] == 4
     assert report["train_one_epoch_eager"]["exit_code"] == 0
+
+
+def test_a_machine_that_dies_stops_the_job_in_one_line_and_the_job_resumes_exactly(
+    mnist_dir, tiny_unet_config, tmp_path
+):
+    flags = ["--num_epochs", "3", "--checkpointing_steps", "2", "--mixed_precision", "no", "--adam_epsilon", "1"]
+    reference = tmp_path / "reference"
+    train(*base_args(mnist_dir, tiny_unet_config, reference, *flags, "--train_batch_size", "32"))
+    shared, env = tmp_path / "shared", dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+
+    def launch(port: int) -> list[subprocess.Popen]:
+        return [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nnodes",
+                    "2",
+                    "--nproc_per_node",
+                    "1",
+                    "--node_rank",
+                    str(rank),
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    str(port),
+                    str(ROOT / "train_ddpm.py"),
+                    *base_args(mnist_dir, tiny_unet_config, shared, *flags),
+                    "--resume_from_checkpoint",
+                    "latest",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )  # fmt: skip
+            for rank in (0, 1)
+        ]
+
+    def process_tree(pid: int) -> list[int]:
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return [pid] + [p for child in children for p in process_tree(int(child))]
+
+    nodes = launch(free_port())
+    deadline = time.time() + 300
+    while not (shared / "checkpoint-2").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    for pid in process_tree(nodes[1].pid):  # the whole second machine: its launcher and its worker
+        os.kill(pid, signal.SIGKILL)
+    output = nodes[0].communicate(timeout=60)[0]  # no hang: the dead peer is noticed at its next collective
+    assert nodes[0].returncode != 0 and "rank 0 lost contact with the other processes of the job" in output
+    nodes[1].wait()
+    nodes = launch(free_port())
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:]
+    assert_same_weights(shared / "unet" / "diffusion_pytorch_model.safetensors",
+                        reference / "unet" / "diffusion_pytorch_model.safetensors")  # fmt: skip
