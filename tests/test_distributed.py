@@ -152,8 +152,16 @@ def test_a_machine_that_dies_stops_the_job_in_one_line_and_the_job_resumes_exact
         ]
 
     def process_tree(pid: int) -> list[int]:
-        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-        return [pid] + [p for child in children for p in process_tree(int(child))]
+        parents = {}  # pid -> parent pid, from /proc (field 4 of stat, after the parenthesised name)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    continue  # ended meanwhile
+        children = [child for child, parent in parents.items() if parent == pid]
+        return [pid] + [p for child in children for p in process_tree(child)]
 
     nodes = launch(free_port())
     deadline = time.time() + 300
