@@ -46,6 +46,7 @@ from pipeline.training import (
     ema_weights,
     epoch_permutation,
     find_checkpoint,
+    load_checkpoint,
     micro_batch_slice,
     remove_partial_checkpoints,
     resolve_resume,
@@ -439,13 +440,9 @@ def main(args: argparse.Namespace) -> None:
                 ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
             with open(os.path.join(output_dir, CHECKPOINT_CONFIG), "w") as f:
                 json.dump(model_config, f, indent=2, default=list)
-            state = {
-                "train_minutes": clock.minutes(),
-                "num_processes": accelerator.num_processes,
-                "args": training_args,
-            }
+            record = {"train_minutes": clock.minutes(), "num_processes": accelerator.num_processes}
             with open(os.path.join(output_dir, TRAINING_STATE), "w") as f:
-                json.dump(state, f, indent=2, default=list)
+                json.dump({**record, "args": training_args}, f, indent=2, default=list)
 
     def load_model_hook(models: list, input_dir: str) -> None:
         if ema_model is not None:
@@ -463,24 +460,9 @@ def main(args: argparse.Namespace) -> None:
         ema_model.to(device)
     global_step = 0
     if resume_path is not None:
-        try:
-            accelerator.load_state(resume_path)
-        except Exception as e:  # safetensors, torch.load and json errors alike mean the files are damaged
-            # torch.load's own advice (to unpickle with weights_only=False) is never the fix for a damaged file.
-            detail = (
-                str(e).splitlines()[0] if "weights_only" not in str(e).lower() else "not a file torch can read safely"
-            )
-            raise ValueError(
-                f"Checkpoint {resume_path} could not be loaded ({type(e).__name__}: {detail}). It is corrupt or "
-                "incomplete: resume from an earlier checkpoint-N folder instead."
-            ) from e
-        global_step = checkpoint_step(resume_path)
-        weights = [model.parameters()] + ([ema_model.shadow_params] if ema_model is not None else [])
-        if not all(torch.isfinite(p).all() for group in weights for p in group):
-            raise ValueError(
-                f"Checkpoint {resume_path} holds weights that are not finite numbers: it is damaged. Resume from an "
-                "earlier checkpoint-N folder instead."
-            )
+        global_step = load_checkpoint(
+            accelerator, resume_path, lambda: [*model.parameters(), *(ema_model.shadow_params if ema_model else [])]
+        )
         accelerator.print(f"Resumed from {resume_path} at step {global_step}.")
         if schedule_changes:  # e.g. a lower learning rate after a divergence: the schedule continues from here
             restart_lr_schedule(args, lr_scheduler, max_train_steps, global_step)

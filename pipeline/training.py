@@ -8,7 +8,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -168,6 +168,25 @@ class OutputDirLock:
                 f"Another training run is writing to --output_dir {output_dir}. Wait for it to end, or train into "
                 "a new --output_dir."
             ) from None
+
+
+def load_checkpoint(accelerator: Accelerator, path: str, weights: Callable[[], list[torch.Tensor]]) -> int:
+    """`accelerator.load_state(path)`, with damaged files and non-finite loaded `weights()` named; the step."""
+    try:
+        accelerator.load_state(path)
+    except Exception as e:  # safetensors, torch.load and json errors alike mean the files are damaged
+        # torch.load's own advice (to unpickle with weights_only=False) is never the fix for a damaged file.
+        detail = str(e).splitlines()[0] if "weights_only" not in str(e).lower() else "not a file torch can read safely"
+        raise ValueError(
+            f"Checkpoint {path} could not be loaded ({type(e).__name__}: {detail}). It is corrupt or incomplete: "
+            "resume from an earlier checkpoint-N folder instead."
+        ) from e
+    if not all(torch.isfinite(w).all() for w in weights()):
+        raise ValueError(
+            f"Checkpoint {path} holds weights that are not finite numbers: it is damaged. Resume from an earlier "
+            "checkpoint-N folder instead."
+        )
+    return checkpoint_step(path)
 
 
 def remove_partial_checkpoints(output_dir: str) -> None:
