@@ -6,7 +6,8 @@ epoch on the same seeds with the default sampler of `mnist-diffusion evaluate`.
         --recipe default "" --recipe previous "--weighting_scheme none --num_epochs 5"
 
 A recipe is a name and the `train_ddpm.py` flags it adds to the defaults. Runs go to `--runs_dir/NAME`; a finished
-run is collected as it is, an unfinished one resumed, so the command can be repeated. Results:
+run is collected as it is, an unfinished one resumed (its training minutes go on from its checkpoint), so the
+command can be repeated. Results:
 `benchmarks/results/time_to_fid.json` and the curves in `images/time_to_fid.png`.
 """
 
@@ -25,7 +26,6 @@ import torch  # noqa: E402
 from machine import describe  # noqa: E402
 
 from pipeline.sampling import DEFAULT_SAMPLER  # noqa: E402
-from pipeline.training import find_checkpoint  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("step", "epoch", "train_minutes", "num_samples", "fid", "kid", "precision", "recall", "class_entropy")
@@ -36,7 +36,8 @@ def train(name: str, flags: str, args: argparse.Namespace) -> list[dict]:
     output_dir = os.path.join(args.runs_dir, name)
     log = os.path.join(args.runs_dir, f"{name}.log")
     evaluations = os.path.join(output_dir, "eval.jsonl")
-    if not os.path.isfile(os.path.join(output_dir, "model_index.json")) or find_checkpoint(output_dir):
+    done = os.path.join(output_dir, "time_to_fid.done")
+    if not os.path.isfile(done):
         command = [sys.executable, os.path.join(ROOT, "train_ddpm.py"), "--dataset_name", args.dataset_name,
                    "--output_dir", output_dir, "--eval_epochs", "1", "--eval_num_samples", str(args.eval_num_samples),
                    "--resume_from_checkpoint", "latest", *shlex.split(flags)]  # fmt: skip
@@ -44,9 +45,10 @@ def train(name: str, flags: str, args: argparse.Namespace) -> list[dict]:
         os.makedirs(args.runs_dir, exist_ok=True)
         with open(log, "a") as f:
             subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, check=True)
+        open(done, "w").close()
     with open(evaluations) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [{k: r[k] for k in KEYS} for r in records]
+        records = {r["step"]: r for r in map(json.loads, filter(str.strip, f))}  # a resumed run may score a step again
+    return [{k: r[k] for k in KEYS} for _, r in sorted(records.items())]
 
 
 def plot(results: dict, path: str, reference: dict[str, float]) -> None:

@@ -200,3 +200,20 @@ def test_a_checkpoint_written_before_the_layout_change_resumes_to_the_same_weigh
         *("--resume_from_checkpoint", "latest", "--weighting_scheme", "none"),
     )
     assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors", old / "final_unet.safetensors")
+
+
+def test_time_to_fid_benchmark_trains_collects_and_draws(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    flags = f"--model_config_name_or_path {tiny_unet_config} --train_batch_size 16 --num_epochs 2 --eval_batch_size 4"
+    command = [sys.executable, str(ROOT / "benchmarks" / "time_to_fid.py"), "--dataset_name", str(mnist_dir),
+               "--eval_num_samples", "8", "--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.json"),
+               "--plot", str(tmp_path / "t.png"), "--recipe", "a", flags + " --snr_gamma 5"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for _ in range(2):  # the second time, finished runs are collected as they are
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["machine"]["matmul_tflops"]["fp32"] > 0 and "cpu_flags" in report["machine"]
+    points = report["recipes"]["a"]["evaluations"]
+    assert [p["epoch"] for p in points] == [1, 2] and points[1]["train_minutes"] > points[0]["train_minutes"]
+    assert Image.open(tmp_path / "t.png").size[0] > 500
