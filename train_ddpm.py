@@ -479,7 +479,7 @@ def main(args: argparse.Namespace) -> None:
         main_process_only=True,
     )
 
-    # The loop. Everything random in a step is a function of (seed, step, micro-batch, process): resuming is exact.
+    # The loop. Everything random in a step is a function of (seed, step, micro-batch): resuming is exact.
     unwrapped = accelerator.unwrap_model(model)
     pipeline = MNISTDiffusionPipeline(unwrapped, noise_scheduler, text_encoder, tokenizer)
     pipeline.set_progress_bar_config(disable=True)
