@@ -262,3 +262,22 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
         and "- ylecun/mnist" in card
         and "_name_or_path" not in "".join(p.read_text() for p in tmp_path.rglob("*.json"))
     )
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_loss_targets_and_weights(prediction_type):
+    from pipeline.loss import DiffusionLoss
+
+    _, scheduler = create_model_and_scheduler(prediction_type=prediction_type)
+    loss = DiffusionLoss(scheduler, snr_gamma=5.0)
+    x0, noise, t = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.tensor([0, 25, 49])
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}
+    torch.testing.assert_close(loss.target(x0, noise, t), expected[prediction_type])
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    torch.testing.assert_close(loss.weights(t), (5.0 / snr).clamp(max=1))  # only easy, low-noise steps weigh less
+    assert loss.weights(t)[0] < 1 and loss.weights(t)[2] == 1
+    # The densities stay on the training grid.
+    for scheme in ("none", "logit_normal", "mode"):
+        drawn = DiffusionLoss(scheduler, weighting_scheme=scheme).sample_timesteps(4096, torch.manual_seed(0), "cpu")
+        assert drawn.min() >= 0 and drawn.max() <= 49 and len(drawn.unique()) > 40
