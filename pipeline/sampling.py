@@ -2,7 +2,7 @@
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -83,10 +83,12 @@ def generate_batches(
     negative_prompt: str | None = None,
     guidance_scale: float = 2.0,
     progress: bool = True,
+    callback_on_step_end: Callable[[MNISTDiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
 ) -> Iterator[np.ndarray]:
     """`num_images` digits as uint8 `(B, 28, 28)` batches; digit i comes from seed + i, whatever the batch size.
 
-    Digit i is asked to be `labels[i]` (a class label, or a prompt about it for text models) or `prompt`."""
+    Digit i is asked to be `labels[i]` (a class label, or a prompt about it for text models) or `prompt`;
+    `callback_on_step_end` goes to the pipeline, as in diffusers."""
     pipe.set_progress_bar_config(disable=True)
     with tqdm(total=num_images, desc="Sampling", unit="img", disable=not progress) as bar:
         for start in range(0, num_images, batch_size):
@@ -105,6 +107,7 @@ def generate_batches(
                 num_inference_steps=num_inference_steps,
                 output_type="np",
                 guidance_scale=guidance_scale,
+                callback_on_step_end=callback_on_step_end,
                 **condition,
             )
             bar.update(len(generators))
