@@ -71,6 +71,11 @@ def write_hub_dataset(folder: Path, splits: dict[str, tuple[list, list]]) -> Pat
     return folder
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--screenshot PATH`: the browser test also saves the demo page there (images/app.png)."""
+    parser.addoption("--screenshot", default=None, help="Where the browser test saves a screenshot of the demo.")
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
     """Each in-process run builds its Accelerator from scratch."""

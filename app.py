@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""The web demo, a Hugging Face Space's `app.py`: draw digits with the shipped pipelines in a browser, offline.
+
+    pip install -e ".[demo]"
+    python app.py                                             # http://127.0.0.1:7860, the pipelines in pretrained/
+    python app.py --model pretrained/ddpm-mnist-cond --model user/ddpm-mnist     # other folders or Hub ids
+    MNIST_DIFFUSION_MODELS=pretrained/ddpm-mnist,user/ddpm-mnist python app.py  # the same, for a Space
+
+Digits come from `pipeline.sampling.generate_batches`, as `mnist-diffusion sample` draws them: the same model,
+sampler, steps, seed and digit give the same pixels.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network: no usage reports
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid  # noqa: E402
+from pipeline.sampling import (  # noqa: E402
+    DEFAULT_SAMPLER,
+    SCHEDULERS,
+    generate_batches,
+    load_pipeline,
+    make_scheduler,
+    sampling_precision,
+)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MAX_DIGITS = 64  # bounds a request: 64 digits at 20 steps take seconds and a few MB
+PROCESS_ROWS = 8  # digits shown in the denoising picture
+PROCESS_FRAMES = 20  # steps shown in it, evenly spaced, the last one included
+ANY = "any"
+# Sampling uses every core, so requests take turns; more than QUEUE_SIZE waiting are told the demo is busy.
+CONCURRENCY_LIMIT, QUEUE_SIZE = 1, 32
+PROGRESS = gr.Progress()  # a parameter with this default gets each request's own progress bar from Gradio
+# System fonts: the default theme would fetch Google Fonts.
+THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def default_models() -> list[str]:
+    """The pipelines named in MNIST_DIFFUSION_MODELS (comma-separated), else the folders in pretrained/."""
+    if os.environ.get("MNIST_DIFFUSION_MODELS"):
+        return os.environ["MNIST_DIFFUSION_MODELS"].split(",")
+    shipped = os.path.join(ROOT, "pretrained")
+    return sorted(
+        os.path.join(shipped, name)
+        for name in os.listdir(shipped)
+        if os.path.isfile(os.path.join(shipped, name, "model_index.json"))
+    )
+
+
+def model_name(model: str) -> str:
+    """What the page calls a model: a folder's name, or a Hub id."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """Model space [-1, 1] as uint8 pixels, as the pipeline's own output is rounded."""
+    return ((x.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+def check_request(
+    pipe: MNISTDiffusionPipeline, name: str, digit: str, prompt: str, num_images, steps, guidance_scale, seed
+) -> None:
+    """Refuse what the page or the API was given, with a message that says what to change."""
+    if num_images is None or num_images != int(num_images) or not 1 <= num_images <= MAX_DIGITS:
+        raise gr.Error(
+            f"Ask for 1 to {MAX_DIGITS} digits (got {num_images}); for more, run "
+            f"`mnist-diffusion sample --model {name} --num_images N --out digits.png`."
+        )
+    max_steps = pipe.scheduler.config.num_train_timesteps
+    if steps is None or steps != int(steps) or not 1 <= steps <= max_steps:
+        raise gr.Error(f"Steps go from 1 to {max_steps}, the steps {name} was trained with (got {steps}).")
+    if guidance_scale is None or not guidance_scale >= 1:
+        raise gr.Error(f"The guidance scale must be at least 1 (1 means no guidance), got {guidance_scale}.")
+    if seed is None or seed != int(seed) or not 0 <= seed < 2**63 - MAX_DIGITS:
+        raise gr.Error(f"The seed must be a whole number from 0 to 2**63 - {MAX_DIGITS + 1} (got {seed}).")
+    if prompt and pipe.conditioning != "text":
+        hint = "pick the digit instead" if pipe.conditioning == "class" else "pick a model with a text encoder"
+        raise gr.Error(f"{name} has no text encoder, so it cannot follow a prompt: {hint}.")
+    if digit not in (ANY, *map(str, range(10))):
+        raise gr.Error(f"The digit must be 0 to 9 or '{ANY}', got {digit!r}.")
+    if digit != ANY and pipe.conditioning == "none":
+        raise gr.Error(f"{name} is unconditional: it draws any digit. Choose '{ANY}', or a class-conditional model.")
+
+
+def build_demo(models: list[str]) -> gr.Blocks:
+    """The page: the settings on the left, the digits and their denoising on the right."""
+    pipelines = {model_name(model): load_pipeline(model) for model in models}  # loads (and checks) them all now
+    if not pipelines:
+        raise ValueError("No pipelines to serve: pass --model FOLDER_OR_HUB_ID, or train one into pretrained/.")
+
+    def generate(name, digit, prompt, num_images, scheduler, steps, guidance_scale, seed, progress=PROGRESS):
+        """The digits' grid and the denoising of the first few, one row per digit and one column per step."""
+        if name not in pipelines:
+            raise gr.Error(f"No model {name!r} here; choose one of {list(pipelines)}.")
+        if scheduler not in SCHEDULERS:
+            raise gr.Error(f"No sampler {scheduler!r}; choose one of {list(SCHEDULERS)}.")
+        pipe = pipelines[name]
+        check_request(pipe, name, digit, prompt, num_images, steps, guidance_scale, seed)
+        num_images, steps, seed = int(num_images), int(steps), int(seed)
+        # A pipeline of its own per request: the loaded one's scheduler is never swapped under another request.
+        pipe = MNISTDiffusionPipeline(
+            **{**pipe.components, "scheduler": make_scheduler(scheduler, pipe.scheduler.config)}
+        )
+        shown = sorted(
+            {round(i * (steps - 1) / max(PROCESS_FRAMES - 1, 1)) for i in range(min(steps, PROCESS_FRAMES))}
+        )
+        frames = []
+
+        def keep(pipeline: MNISTDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
+            if i in shown:
+                frames.append(to_pixels(tensors["latents"][:PROCESS_ROWS, 0]))
+            progress((i + 1, steps), desc="Denoising", unit="steps")
+            return {}
+
+        labels = None if digit == ANY else np.full(num_images, int(digit))
+        try:
+            with sampling_precision(pipe.device):
+                digits = next(generate_batches(
+                    pipe, num_images, seed, num_images, steps, labels, prompt or None, None, guidance_scale,
+                    progress=False, callback_on_step_end=keep,
+                ))  # fmt: skip
+        except ValueError as e:  # the pipeline's own refusals, e.g. a DDIM step count that misses pure noise
+            raise gr.Error(str(e)) from e
+        process = np.stack(frames, axis=1).reshape(-1, *digits.shape[1:])  # row r: digit r through the steps
+        return (
+            image_grid(digits, nrow=min(num_images, 8), scale=3),
+            image_grid(process, nrow=len(frames), scale=2),
+        )
+
+    def show_controls(name: str) -> tuple:
+        """The digit, prompt and guidance boxes, shown only where the model takes them."""
+        conditioning = pipelines[name].conditioning
+        return (
+            gr.update(visible=conditioning == "class", value=ANY),
+            gr.update(visible=conditioning == "text", value=""),
+            gr.update(visible=conditioning != "none"),
+        )
+
+    names = list(pipelines)
+    first = pipelines[names[0]].conditioning
+    with gr.Blocks(title="MNIST Diffusion", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# MNIST Diffusion\nA 50-step DDPM built on diffusers draws handwritten digits from pure noise. "
+            "Digit *i* starts from the noise of seed + *i*: the same settings give the same digits as "
+            "`mnist-diffusion sample`."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                model = gr.Dropdown(names, value=names[0], label="Model", elem_id="model")
+                digit = gr.Dropdown(
+                    [ANY, *map(str, range(10))], value=ANY, label="Digit", elem_id="digit", visible=first == "class"
+                )
+                prompt = gr.Textbox(
+                    label="Prompt", placeholder="a handwritten seven", elem_id="prompt", visible=first == "text"
+                )
+                num_images = gr.Number(16, label=f"Digits (1 to {MAX_DIGITS})", precision=0, elem_id="num_images")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SAMPLER[0], label="Sampler", elem_id="sampler")
+                steps = gr.Number(DEFAULT_SAMPLER[1], label="Steps (1 to 50)", precision=0, elem_id="steps")
+                guidance = gr.Number(
+                    2.0, label="Guidance scale (1 = none)", elem_id="guidance", visible=first != "none"
+                )
+                seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                digits = gr.Image(label="Digits", format="png", interactive=False, elem_id="digits")
+                process = gr.Image(
+                    label="Denoising: a row per digit, from the first step to the last", format="png", interactive=False,
+                    elem_id="process",
+                )  # fmt: skip
+        model.change(show_controls, model, [digit, prompt, guidance], api_name=False)
+        button.click(
+            generate,
+            [model, digit, prompt, num_images, scheduler, steps, guidance, seed],
+            [digits, process],
+            api_name="generate",
+            concurrency_limit=CONCURRENCY_LIMIT,
+        )
+    return demo.queue(max_size=QUEUE_SIZE)
+
+
+demo = build_demo(default_models())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: which pipelines to serve, and where."""
+    parser = argparse.ArgumentParser(description="Serve the MNIST diffusion demo in a browser.")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="A pipeline folder or Hub id, repeatable; default: MNIST_DIFFUSION_MODELS, else pretrained/*.",
+    )
+    parser.add_argument("--server_name", default=None, help="Default: GRADIO_SERVER_NAME, else 127.0.0.1.")
+    parser.add_argument("--server_port", type=int, default=None, help="Default: GRADIO_SERVER_PORT, else 7860.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve `demo` (or one built from --model) until interrupted."""
+    args = parse_args(argv)
+    app = build_demo(args.model) if args.model else demo
+    app.launch(server_name=args.server_name, server_port=args.server_port, theme=THEME, share=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The web demo as people use it: in a real browser (Debian's headless Chromium under Playwright), through its API
+with gradio_client, several requests at once, and with bad input. It serves the shipped pipelines."""
+
+import io
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+import app
+from pipeline import cli
+from pipeline.pipeline_mnist_diffusion import image_grid
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/lib/chromium/chromium-headless-shell")
+# What the page asks for in the tests: the class-conditional model, a seven, the default sampler.
+REQUEST = {"model": "ddpm-mnist-cond", "digit": "7", "num_images": 16, "steps": 20, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def url():
+    """The demo, served from this process on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, local_url, _ = app.demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, theme=app.THEME)
+    yield local_url
+    app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    """A headless Chromium page on the demo that refuses, and records, any request that leaves this machine."""
+    if not os.path.isfile(CHROMIUM):
+        pytest.fail(
+            f"No headless Chromium at {CHROMIUM}: `apt-get install -y --no-install-recommends chromium "
+            "chromium-headless-shell` (.ci/run does), or point CHROMIUM at one."
+        )
+    outside = []
+
+    def local_only(route):
+        if urlparse(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            return route.continue_()
+        outside.append(route.request.url)
+        return route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.route("**/*", local_only)
+        page.goto(url)
+        yield page
+        browser.close()
+    assert not outside, f"The page reached outside this machine: {outside}"
+
+
+def sample_with_cli(tmp_path: Path, model: str, digit: str, num_images: int, steps: int, seed: int) -> np.ndarray:
+    """The digits `mnist-diffusion sample` draws for those settings."""
+    npz = tmp_path / f"{model}-{digit}-{seed}.npz"
+    labels = [] if digit == app.ANY else ["--class_labels", digit]
+    cli.main([
+        "sample", "--model", str(Path(app.ROOT) / "pretrained" / model), "--num_images", str(num_images),
+        "--seed", str(seed), "--num_inference_steps", str(steps), *labels, "--out", str(tmp_path / "grid.png"),
+        "--npz", str(npz),
+    ])  # fmt: skip
+    return np.load(npz)["images"]
+
+
+def pick(page, elem_id: str, option: str) -> None:
+    """Choose an option of a Gradio dropdown as a person does: open it, click the option."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def fill(page, elem_id: str, value) -> None:
+    """Type into a Gradio number or text box."""
+    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+
+
+def test_browser_draws_the_digits_mnist_diffusion_sample_draws(page, tmp_path, request):
+    pick(page, "model", REQUEST["model"])
+    pick(page, "digit", REQUEST["digit"])
+    fill(page, "num_images", REQUEST["num_images"])
+    fill(page, "seed", REQUEST["seed"])
+    page.locator("#generate").click()
+    image = page.locator("#digits img")
+    expect(image).to_have_attribute("src", re.compile(".+"), timeout=30_000)
+    response = page.request.get(image.get_attribute("src"))
+    shown = np.asarray(Image.open(io.BytesIO(response.body())).convert("L"))
+    expect(page.locator("#process img")).to_be_visible()
+
+    digits = sample_with_cli(tmp_path, **REQUEST)
+    expected = np.asarray(image_grid(digits, nrow=8, scale=3))
+    np.testing.assert_array_equal(shown, expected)
+    if request.config.getoption("--screenshot"):
+        page.screenshot(path=request.config.getoption("--screenshot"), full_page=True)
+
+
+def test_browser_shows_bad_input_as_a_message(page):
+    fill(page, "num_images", 0)
+    page.locator("#generate").click()
+    expect(page.get_by_text(f"Ask for 1 to {app.MAX_DIGITS} digits (got 0)")).to_be_visible(timeout=15_000)
+    assert "Traceback" not in page.content()
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    """The demo's API, as `gradio_client` users call it."""
+    return Client(url, verbose=False)
+
+
+def call(client: Client, model: str, digit: str, num_images: int, steps: int, seed: int, **changes):
+    """The `/generate` endpoint with the page's defaults for the rest; returns the two pictures' files."""
+    inputs = {"name": model, "digit": digit, "prompt": "", "num_images": num_images, "scheduler": "dpm++sde",
+              "steps": steps, "guidance_scale": 2.0, "seed": seed, **changes}  # fmt: skip
+    return client.submit(*inputs.values(), api_name="/generate")
+
+
+def test_api_draws_the_same_digits(client, tmp_path):
+    grid, process = call(client, **REQUEST).result(timeout=60)
+    expected = image_grid(sample_with_cli(tmp_path, **REQUEST), nrow=8, scale=3)
+    np.testing.assert_array_equal(np.asarray(Image.open(grid).convert("L")), np.asarray(expected))
+    # A row per digit shown (8) and a column per step shown (20), each digit 28 pixels with 2 of padding, doubled.
+    assert Image.open(process).size == ((20 * 30 + 2) * 2, (8 * 30 + 2) * 2)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"num_images": 10_000}, f"Ask for 1 to {app.MAX_DIGITS} digits (got 10000)"),
+        ({"steps": 51}, "Steps go from 1 to 50"),
+        ({"guidance_scale": 0.5}, "guidance scale must be at least 1"),
+        ({"prompt": "a handwritten seven"}, "ddpm-mnist-cond has no text encoder"),
+        ({"scheduler": "ddim", "steps": 7}, "divides 50"),
+        ({"name": "ddpm-mnist"}, "ddpm-mnist is unconditional"),
+    ],
+)
+def test_api_refuses_bad_input_with_a_message(client, changes, message):
+    with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(client, **{**REQUEST, "num_images": 2, **changes}).result(timeout=60)
+
+
+def test_requests_at_once_queue_and_all_complete(client, tmp_path):
+    seeds = [1, 2, 3, 4]
+    jobs = [call(client, "ddpm-mnist", app.ANY, 4, 5, seed) for seed in seeds]  # sent before any is done
+    for seed, job in zip(seeds, jobs, strict=True):
+        grid, _ = job.result(timeout=120)
+        expected = image_grid(sample_with_cli(tmp_path, "ddpm-mnist", app.ANY, 4, 5, seed), nrow=4, scale=3)
+        np.testing.assert_array_equal(np.asarray(Image.open(grid).convert("L")), np.asarray(expected))
+    assert {fn.concurrency_limit for fn in app.demo.fns.values() if fn.api_name == "generate"} == {1}
