@@ -28,6 +28,7 @@ from pipeline.sampling import (  # noqa: E402
     make_scheduler,
     sampling_precision,
 )
+from pipeline.visualize import latents_to_uint8  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MAX_DIGITS = 64  # bounds a request: 64 digits at 20 steps take seconds and a few MB
@@ -56,11 +57,6 @@ def default_models() -> list[str]:
 def model_name(model: str) -> str:
     """What the page calls a model: a folder's name, or a Hub id."""
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
-
-
-def to_pixels(x: torch.Tensor) -> np.ndarray:
-    """Model space [-1, 1] as uint8 pixels, as the pipeline's own output is rounded."""
-    return ((x.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
 def check_request(
@@ -114,7 +110,7 @@ def build_demo(models: list[str]) -> gr.Blocks:
 
         def keep(pipeline: MNISTDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
             if i in shown:
-                frames.append(to_pixels(tensors["latents"][:PROCESS_ROWS, 0]))
+                frames.append(latents_to_uint8(tensors["latents"][:PROCESS_ROWS]))
             progress((i + 1, steps), desc="Denoising", unit="steps")
             return {}
 

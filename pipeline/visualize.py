@@ -108,14 +108,18 @@ def schedule_figure(scheduler: DDPMScheduler) -> plt.Figure:
     return fig
 
 
+def latents_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model-space images `(N, 1, H, W)` in [-1, 1] as `(N, H, W)` uint8 pixels, rounded as the pipeline rounds."""
+    return ((x[:, 0].float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
 def animation_frames(pipe: MNISTDiffusionPipeline, num_images: int, seed: int, scale: int = 4) -> list[Image.Image]:
     """One grid image per denoising step (pure noise first, digits last) for an animated GIF."""
     generator = torch.Generator().manual_seed(seed)
     grids = []
 
     def to_grid(x: torch.Tensor) -> Image.Image:
-        pixels = ((x[:, 0].float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        return image_grid(pixels, nrow=int(np.ceil(np.sqrt(num_images))), scale=scale)
+        return image_grid(latents_to_uint8(x), nrow=int(np.ceil(np.sqrt(num_images))), scale=scale)
 
     unet = pipe.unet.config
     latents = randn_tensor(
