@@ -9,6 +9,7 @@ The result is a `MNISTDiffusionPipeline` folder in `--output_dir` (EMA weights),
 """
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, LCMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from huggingface_hub import create_repo
@@ -31,10 +33,17 @@ from tqdm.auto import tqdm
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
 from pipeline.data import load_images
 from pipeline.evaluate import MIN_SAMPLES, evaluate_digits, reference_features
-from pipeline.loss import DiffusionLoss
+from pipeline.loss import ConsistencyDistillationLoss, DiffusionLoss
 from pipeline.model import NUM_CLASSES, caption_states, load_text_encoder
 from pipeline.pipeline_mnist_diffusion import to_uint8
-from pipeline.sampling import DEFAULT_SAMPLER, default_mixed_precision, digit_cycle, generate, make_scheduler
+from pipeline.sampling import (
+    default_mixed_precision,
+    default_sampler,
+    digit_cycle,
+    generate,
+    load_pipeline,
+    make_scheduler,
+)
 from pipeline.training import (
     CHECKPOINT_CONFIG,
     TRAINING_STATE,
@@ -57,6 +66,11 @@ from pipeline.training import (
 )
 
 logger = get_logger(__name__)
+# Settings of --distill_from runs only: plain training runs do not record them.
+DISTILL_SETTINGS = (
+    "distill_from", "num_ddim_timesteps", "loss_type", "huber_c", "ema_decay", "timestep_scaling_factor",
+    "num_inference_steps",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,7 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--num_epochs", type=int, default=5, help="Passes over the data.")
     train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument(
+        "--learning_rate", type=float, default=None, help="Default: 1e-3, or 1e-4 with --distill_from (fine-tuning)."
+    )
     train.add_argument(
         "--lr_scheduler",
         default="cosine",
@@ -157,6 +173,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Default: the accelerate config's choice, else bf16 where the GPU or CPU runs it natively, else no.",
     )
 
+    distill = parser.add_argument_group("few-step distillation (diffusers' train_lcm_distill_*.py names)")
+    distill.add_argument(
+        "--distill_from",
+        default=None,
+        help="A trained pipeline (folder or Hub id): distil it into a student that samples in a few steps "
+        "(latent consistency distillation; the student starts from its weights).",
+    )
+    distill.add_argument(
+        "--num_ddim_timesteps", type=int, default=50, help="Points of the teacher's timestep grid the student learns."
+    )
+    distill.add_argument(
+        "--loss_type", default="huber", choices=["l2", "huber"], help="Distance between the consistency outputs."
+    )
+    distill.add_argument("--huber_c", type=float, default=0.015, help="The pseudo-Huber loss's c (0.00054 sqrt(784)).")
+    distill.add_argument("--ema_decay", type=float, default=0.95, help="EMA decay of the target network.")
+    distill.add_argument(
+        "--timestep_scaling_factor", type=float, default=10.0, help="LCMScheduler's boundary-condition scaling."
+    )
+    distill.add_argument(
+        "--num_inference_steps", type=int, default=2, help="The steps the distilled pipeline samples with by default."
+    )
+
     out = parser.add_argument_group("logging, checkpoints and the Hub")
     out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
     out.add_argument("--logging_dir", default="logs", help="TensorBoard logs, inside --output_dir.")
@@ -179,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
-                 "save_images_epochs", "save_model_epochs", "checkpointing_steps"):  # fmt: skip
+                 "save_images_epochs", "save_model_epochs", "checkpointing_steps", "num_inference_steps"):  # fmt: skip
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_epochs"):
@@ -189,8 +227,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--eval_num_samples must be at least {MIN_SAMPLES} (scoring needs them), got {args.eval_num_samples}."
         )
+    if not 0 <= args.ema_decay < 1:
+        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
     if not 0 <= args.condition_dropout < 1:
         parser.error(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}.")
+    if args.learning_rate is None:
+        args.learning_rate = 1e-4 if args.distill_from else 1e-3
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}.")
     return args
@@ -244,6 +286,34 @@ def load_data(
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise ValueError(f"--conditioning needs labels 0..{NUM_CLASSES - 1}; the dataset has {labels.unique()}.")
     return images.to(accelerator.device), labels.to(accelerator.device)
+
+
+def load_teacher(args: argparse.Namespace) -> tuple[UNet2DModel, UNet2DModel, LCMScheduler]:
+    """For --distill_from: the student (a copy of the teacher's UNet), the frozen teacher, and the student's
+    `LCMScheduler` on the teacher's noise schedule."""
+    teacher = load_pipeline(args.distill_from)
+    if teacher.conditioning != "none":
+        raise ValueError(
+            f"--distill_from {args.distill_from} is {teacher.conditioning}-conditional; distillation takes unconditional "
+            "models for now."
+        )
+    if not isinstance(teacher.scheduler, DDPMScheduler):
+        raise ValueError(
+            f"--distill_from {args.distill_from} samples with a {type(teacher.scheduler).__name__}, not the "
+            "DDPMScheduler of a trained model: distil from the model that was trained, not from a distilled one."
+        )
+    num_train_timesteps = teacher.scheduler.config.num_train_timesteps
+    if num_train_timesteps % args.num_ddim_timesteps:
+        raise ValueError(
+            f"--num_ddim_timesteps must divide the teacher's {num_train_timesteps} training steps, "
+            f"got {args.num_ddim_timesteps}."
+        )
+    scheduler = LCMScheduler.from_config(
+        teacher.scheduler.config,
+        original_inference_steps=args.num_ddim_timesteps,
+        timestep_scaling=args.timestep_scaling_factor,
+    )
+    return copy.deepcopy(teacher.unet).train(), teacher.unet.requires_grad_(False).eval(), scheduler
 
 
 def make_optimization(
@@ -344,7 +414,7 @@ def save_outputs(
         if real_features is not None:
             # Scored the way `mnist-diffusion evaluate` scores a saved model, with its default sampler; conditional
             # models are asked for 0..9 in turn and scored on whether they drew what was asked.
-            sampler, steps = DEFAULT_SAMPLER
+            sampler, steps = default_sampler(pipeline)
             scorer = MNISTDiffusionPipeline(
                 **{**pipeline.components, "scheduler": make_scheduler(sampler, pipeline.scheduler.config)}
             )
@@ -374,22 +444,29 @@ def main(args: argparse.Namespace) -> None:
         datasets.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
-    training_args = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    training_args = {
+        k: v for k, v in vars(args).items() if k != "hub_token" and (args.distill_from or k not in DISTILL_SETTINGS)
+    }
 
     # The model, and the checks that protect what is already in --output_dir, before any data is read.
-    text_encoder = tokenizer = None
+    text_encoder = tokenizer = teacher = None
     if args.conditioning == "text":
         text_encoder, tokenizer = load_text_encoder(args.text_encoder, args.cache_dir)
         text_encoder.to(device)
-    model, noise_scheduler = create_model_and_scheduler(
-        args.resolution or 28,
-        args.prediction_type,
-        args.model_config_name_or_path,
-        args.conditioning,
-        text_encoder.config.hidden_size if text_encoder is not None else None,
-    )
+    if args.distill_from:
+        model, teacher, noise_scheduler = load_teacher(args)
+    else:
+        model, noise_scheduler = create_model_and_scheduler(
+            args.resolution or 28,
+            args.prediction_type,
+            args.model_config_name_or_path,
+            args.conditioning,
+            text_encoder.config.hidden_size if text_encoder is not None else None,
+        )
     model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
     use_plain_attention(model, device)
+    if teacher is not None:
+        use_plain_attention(teacher.to(device), device)
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, model_config)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
@@ -419,16 +496,28 @@ def main(args: argparse.Namespace) -> None:
 
     # Optimizer, LR schedule, EMA and the objective.
     optimizer, lr_scheduler, ema_model = make_optimization(args, model, max_train_steps)
-    loss_fn = DiffusionLoss(
-        noise_scheduler,
-        weighting_scheme=args.weighting_scheme,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        mode_scale=args.mode_scale,
-        snr_gamma=args.snr_gamma,
-        immiscible=args.immiscible_noise,
-        condition_dropout=args.condition_dropout,
-    )
+    target = None
+    if teacher is not None:
+        # The consistency target: an EMA of the student (decay --ema_decay), a frozen copy of it between updates.
+        target = copy.deepcopy(model).requires_grad_(False).eval().to(device)
+        loss_fn = ConsistencyDistillationLoss(
+            noise_scheduler,
+            teacher,
+            target,
+            args.num_ddim_timesteps,
+            args.huber_c if args.loss_type == "huber" else None,
+        )
+    else:
+        loss_fn = DiffusionLoss(
+            noise_scheduler,
+            weighting_scheme=args.weighting_scheme,
+            logit_mean=args.logit_mean,
+            logit_std=args.logit_std,
+            mode_scale=args.mode_scale,
+            snr_gamma=args.snr_gamma,
+            immiscible=args.immiscible_noise,
+            condition_dropout=args.condition_dropout,
+        )
 
     # Checkpoints hold what `save_state` saves (weights, optimizer, LR schedule, RNG) plus the EMA weights
     # (safetensors, the diffusers way), and the model config, settings and training minutes that resuming reads.
@@ -438,6 +527,8 @@ def main(args: argparse.Namespace) -> None:
         if accelerator.is_main_process:
             if ema_model is not None:
                 ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if target is not None:
+                target.save_pretrained(os.path.join(output_dir, "unet_target"))
             with open(os.path.join(output_dir, CHECKPOINT_CONFIG), "w") as f:
                 json.dump(model_config, f, indent=2, default=list)
             record = {"train_minutes": clock.minutes(), "num_processes": accelerator.num_processes}
@@ -452,6 +543,10 @@ def main(args: argparse.Namespace) -> None:
                 EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ema_model.model_cls).state_dict()
             )
             ema_model.to(device)
+        if target is not None:
+            if not os.path.isdir(os.path.join(input_dir, "unet_target")):
+                raise ValueError(f"{input_dir}/unet_target, the distillation's target network, is missing")
+            target.load_state_dict(type(target).from_pretrained(os.path.join(input_dir, "unet_target")).state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -481,7 +576,9 @@ def main(args: argparse.Namespace) -> None:
 
     # The loop. Everything random in a step is a function of (seed, step, micro-batch): resuming is exact.
     unwrapped = accelerator.unwrap_model(model)
-    pipeline = MNISTDiffusionPipeline(unwrapped, noise_scheduler, text_encoder, tokenizer)
+    pipeline = MNISTDiffusionPipeline(
+        unwrapped, noise_scheduler, text_encoder, tokenizer, args.num_inference_steps if teacher is not None else None
+    )
     pipeline.set_progress_bar_config(disable=True)
     progress_bar = tqdm(
         total=max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
@@ -513,7 +610,7 @@ def main(args: argparse.Namespace) -> None:
                 )
                 template = templates[shard[0] * len(batch) : (shard[0] + 1) * len(batch)]
                 condition["encoder_hidden_states"] = captions[labels[batch], template]
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), accelerator.autocast():  # autocast: the teacher's calls too
                 loss = loss_fn(model, clean_images, generator, condition, null_condition, shard)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -525,6 +622,8 @@ def main(args: argparse.Namespace) -> None:
         lr_scheduler.step()
         if ema_model is not None:
             ema_model.step(model.parameters())
+        if target is not None:
+            torch._foreach_lerp_(list(target.parameters()), list(model.parameters()), 1 - args.ema_decay)
         global_step += 1
         progress_bar.update(1)
         # One all-reduce for the mean loss and for "did any process get a stop signal", so all stop at one step.

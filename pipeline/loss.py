@@ -1,10 +1,11 @@
-"""The training objective: which noise levels are trained, with what noise, against what target, weighted how."""
+"""The training objectives: denoising (which noise levels, what noise, what target, what weights) and consistency
+distillation of a trained model into a few-step one."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, LCMScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from scipy.optimize import linear_sum_assignment
 
@@ -100,3 +101,83 @@ class DiffusionLoss:
             return F.mse_loss(model_output.float(), target)
         losses = F.mse_loss(model_output.float(), target, reduction="none").mean(dim=(1, 2, 3))
         return (losses * self.weights(timesteps)).mean()
+
+
+@dataclass
+class ConsistencyDistillationLoss:
+    """Latent-consistency distillation (Luo et al. 2023, as diffusers' `train_lcm_distill_sd_wds.py`) of a frozen
+    teacher into a student that `scheduler`, an `LCMScheduler`, samples in a few steps.
+
+    On a grid of `num_ddim_timesteps` of the teacher's timesteps, the student's consistency function at t,
+    `c_skip(t) x_t + c_out(t) x_0(x_t, t)`, is pulled towards the target network's at the previous grid point, reached
+    from x_t by one DDIM step of the teacher. `scheduler` supplies the noise schedule, the prediction type and the
+    boundary scalings, so training and sampling share them. `huber_c` (None: squared error) sets the pseudo-Huber
+    loss of improved consistency training (Song & Dhariwal 2023)."""
+
+    scheduler: LCMScheduler
+    teacher: torch.nn.Module
+    target: torch.nn.Module
+    num_ddim_timesteps: int = 50
+    huber_c: float | None = None
+
+    def __post_init__(self) -> None:
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if not 1 <= self.num_ddim_timesteps <= num_train_timesteps or num_train_timesteps % self.num_ddim_timesteps:
+            raise ValueError(
+                f"num_ddim_timesteps must divide the teacher's {num_train_timesteps} training steps, "
+                f"got {self.num_ddim_timesteps}."
+            )
+        self.skip = num_train_timesteps // self.num_ddim_timesteps
+        # The grid LCMScheduler samples on (its `original_inference_steps`): skip - 1, 2 skip - 1, ..., T - 1.
+        self.grid = torch.arange(1, self.num_ddim_timesteps + 1) * self.skip - 1
+
+    def consistency(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor) -> tuple:
+        """The consistency function's value, and the x_0 and noise that `model_output` predicts."""
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(sample.device)[timesteps].view(-1, 1, 1, 1)
+        alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+        prediction_type = self.scheduler.config.prediction_type
+        if prediction_type == "v_prediction":
+            x_0, noise = alpha * sample - sigma * model_output, sigma * sample + alpha * model_output
+        elif prediction_type == "epsilon":
+            x_0, noise = (sample - sigma * model_output) / alpha, model_output
+        elif prediction_type == "sample":
+            x_0, noise = model_output, (sample - alpha * model_output) / sigma
+        else:
+            raise ValueError(f"Unknown prediction_type {prediction_type!r}.")
+        c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(timesteps.view(-1, 1, 1, 1))
+        return c_skip * sample + c_out * x_0, x_0, noise
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        clean_images: torch.Tensor,
+        generator: torch.Generator,
+        condition: dict[str, torch.Tensor] | None = None,
+        null_condition: dict[str, torch.Tensor] | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> torch.Tensor:
+        """The mean consistency loss of `model` on one batch, drawn as `DiffusionLoss` draws (exact resume, shards)."""
+        device, size = clean_images.device, len(clean_images)
+        part = slice(shard[0] * size, (shard[0] + 1) * size)
+        noise = torch.randn((size * shard[1], *clean_images.shape[1:]), generator=generator, device=device)[part]
+        index = torch.randint(0, self.num_ddim_timesteps, (size * shard[1],), generator=generator, device=device)[part]
+        start = self.grid.to(device)[index]
+        previous = (start - self.skip).clamp(min=0)
+        condition = condition or {}
+        noisy_images = self.scheduler.add_noise(clean_images, noise, start)
+        prediction, _, _ = self.consistency(
+            model(noisy_images, start, **condition).sample.float(), noisy_images, start
+        )
+        with torch.no_grad():
+            _, x_0, teacher_noise = self.consistency(
+                self.teacher(noisy_images, start, **condition).sample.float(), noisy_images, start
+            )
+            # One DDIM step of the teacher, from the start point to the previous point on the grid.
+            alphas_cumprod = self.scheduler.alphas_cumprod.to(device)[previous].view(-1, 1, 1, 1)
+            previous_images = alphas_cumprod.sqrt() * x_0 + (1 - alphas_cumprod).sqrt() * teacher_noise
+            target, _, _ = self.consistency(
+                self.target(previous_images, previous, **condition).sample.float(), previous_images, previous
+            )
+        if self.huber_c is None:
+            return F.mse_loss(prediction, target)
+        return (torch.sqrt((prediction - target) ** 2 + self.huber_c**2) - self.huber_c).mean()

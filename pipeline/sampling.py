@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from accelerate.utils import parse_flag_from_env
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler, SchedulerMixin
 from tqdm.auto import tqdm
 
 from .data import looks_like_path
@@ -21,9 +21,19 @@ SCHEDULERS = {
     # Uniform steps in log-SNR, DPM-Solver's own recommendation: more steps at low noise, where strokes are refined.
     "dpm++": (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
     "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_lu_lambdas": True}),
+    # The few-step sampler of consistency-distilled models (`train_ddpm.py --distill_from`).
+    "lcm": (LCMScheduler, {}),
 }
 # How `sample` and `evaluate` generate by default: the fastest setting that matches 50 ancestral steps (docs/speed.md).
 DEFAULT_SAMPLER = ("dpm++sde", 20)
+
+
+def default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[str, int]:
+    """The sampler and steps a model gets unless told: a distilled model's own (LCM, in its few steps), else
+    DEFAULT_SAMPLER."""
+    if isinstance(pipe.scheduler, LCMScheduler):
+        return "lcm", pipe.default_num_inference_steps
+    return DEFAULT_SAMPLER
 
 
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:
