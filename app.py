@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from pipeline.pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid  # noqa: E402
 from pipeline.sampling import (  # noqa: E402
-    DEFAULT_SAMPLER,
     SCHEDULERS,
+    default_sampler,
     generate_batches,
     load_pipeline,
     make_scheduler,
@@ -130,16 +130,20 @@ def build_demo(models: list[str]) -> gr.Blocks:
         )
 
     def show_controls(name: str) -> tuple:
-        """The digit, prompt and guidance boxes, shown only where the model takes them."""
+        """The digit, prompt and guidance boxes, shown only where the model takes them, and the model's sampler."""
         conditioning = pipelines[name].conditioning
+        sampler, steps = default_sampler(pipelines[name])
         return (
             gr.update(visible=conditioning == "class", value=ANY),
             gr.update(visible=conditioning == "text", value=""),
             gr.update(visible=conditioning != "none"),
+            gr.update(value=sampler),
+            gr.update(value=steps),
         )
 
     names = list(pipelines)
     first = pipelines[names[0]].conditioning
+    first_sampler, first_steps = default_sampler(pipelines[names[0]])
     with gr.Blocks(title="MNIST Diffusion", analytics_enabled=False) as demo:
         gr.Markdown(
             "# MNIST Diffusion\nA 50-step DDPM built on diffusers draws handwritten digits from pure noise. "
@@ -156,8 +160,8 @@ def build_demo(models: list[str]) -> gr.Blocks:
                     label="Prompt", placeholder="a handwritten seven", elem_id="prompt", visible=first == "text"
                 )
                 num_images = gr.Number(16, label=f"Digits (1 to {MAX_DIGITS})", precision=0, elem_id="num_images")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value=DEFAULT_SAMPLER[0], label="Sampler", elem_id="sampler")
-                steps = gr.Number(DEFAULT_SAMPLER[1], label="Steps (1 to 50)", precision=0, elem_id="steps")
+                scheduler = gr.Dropdown(list(SCHEDULERS), value=first_sampler, label="Sampler", elem_id="sampler")
+                steps = gr.Number(first_steps, label="Steps (1 to 50)", precision=0, elem_id="steps")
                 guidance = gr.Number(
                     2.0, label="Guidance scale (1 = none)", elem_id="guidance", visible=first != "none"
                 )
@@ -169,7 +173,7 @@ def build_demo(models: list[str]) -> gr.Blocks:
                     label="Denoising: a row per digit, from the first step to the last", format="png", interactive=False,
                     elem_id="process",
                 )  # fmt: skip
-        model.change(show_controls, model, [digit, prompt, guidance], api_name=False)
+        model.change(show_controls, model, [digit, prompt, guidance, scheduler, steps], api_name=False)
         button.click(
             generate,
             [model, digit, prompt, num_images, scheduler, steps, guidance, seed],

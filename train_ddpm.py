@@ -227,6 +227,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--eval_num_samples must be at least {MIN_SAMPLES} (scoring needs them), got {args.eval_num_samples}."
         )
+    if args.distill_from and (args.model_config_name_or_path or args.conditioning != "none"):
+        parser.error(
+            "--distill_from: the student copies the teacher's UNet, conditioning and noise schedule; drop "
+            "--model_config_name_or_path and --conditioning."
+        )
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
     if not 0 <= args.condition_dropout < 1:
@@ -308,8 +313,9 @@ def load_teacher(args: argparse.Namespace) -> tuple[UNet2DModel, UNet2DModel, LC
             f"--num_ddim_timesteps must divide the teacher's {num_train_timesteps} training steps, "
             f"got {args.num_ddim_timesteps}."
         )
+    config = {k: v for k, v in teacher.scheduler.config.items() if k != "variance_type"}  # DDPM's only
     scheduler = LCMScheduler.from_config(
-        teacher.scheduler.config,
+        config,
         original_inference_steps=args.num_ddim_timesteps,
         timestep_scaling=args.timestep_scaling_factor,
     )

@@ -12,7 +12,8 @@ Training, images/s of whole optimizer steps (data, forward, backward, clipping, 
   and, without --quick, one lever at a time on top of ours (fp32, stock attention, channels_last, torch.compile,
   fused AdamW, batch 256).
 Sampling, images/s: the stock `DDPMPipeline` (50 steps, fp32) against this project's default way
-(`mnist-diffusion sample`), with the same weights.
+(`mnist-diffusion sample`), with the same weights; and every shipped pipeline (--models) with the sampler and steps
+`mnist-diffusion sample` gives it by default, as seconds per 10,000 digits.
 Throughput is the median of several timed windows after a warm-up, the windows of the runs compared taking turns
 and glibc told to keep freed memory (so that no run re-faults pages the others do not); memory is the peak (CUDA:
 allocated; CPU: the process's resident set). It prints a table, `train_speedup: X` and `sample_speedup: Y`, and
@@ -41,11 +42,26 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from pipeline import create_model_and_scheduler
+from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler
 from pipeline.data import load_images
-from pipeline.sampling import DEFAULT_SAMPLER, default_mixed_precision, generate, load_pipeline, sampling_precision
+from pipeline.sampling import (
+    DEFAULT_SAMPLER,
+    default_mixed_precision,
+    default_sampler,
+    digit_cycle,
+    generate,
+    load_pipeline,
+    make_scheduler,
+    sampling_precision,
+)
 from pipeline.training import use_plain_attention
 
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pretrained")
+SHIPPED = sorted(
+    os.path.join(PRETRAINED, name)
+    for name in os.listdir(PRETRAINED)
+    if os.path.isfile(os.path.join(PRETRAINED, name, "model_index.json"))
+)
 LEVERS = ["fp32", "stock attention", "channels_last", "torch.compile", "fused AdamW", "batch 256"]
 
 
@@ -231,6 +247,9 @@ def main() -> None:
     parser.add_argument("--sample_batch_size", type=int, default=125)
     parser.add_argument("--dataloader_num_workers", type=int, default=0, help="For the baseline's DataLoader.")
     parser.add_argument("--quick", action="store_true", help="Baseline and ours only, fewer windows.")
+    parser.add_argument(
+        "--models", nargs="*", default=SHIPPED, help="Pipelines timed with their default sampler: the shipped ones."
+    )
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -287,6 +306,24 @@ def main() -> None:
     for name, figures in results["sample"].items():
         print(f"sample {name:<40} {figures['images_per_s']:8.1f} images/s", flush=True)
 
+    # Every shipped model with the sampler and steps `mnist-diffusion sample` gives it by default.
+    shipped = {}
+    for model in args.models:
+        pipe = load_pipeline(model)
+        sampler, num_steps = default_sampler(pipe)
+        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        labels = digit_cycle(batch) if pipe.conditioning != "none" else None
+
+        def model_sampling(pipe: MNISTDiffusionPipeline = pipe, steps: int = num_steps, labels=labels) -> int:
+            with sampling_precision(pipe.device):
+                return len(generate(pipe, batch, 0, batch, steps, labels, progress=False))
+
+        shipped[f"{os.path.basename(os.path.normpath(model))}: {sampler}, {num_steps} steps"] = model_sampling
+    results["shipped"] = throughputs(shipped, device, dict.fromkeys(shipped, 1), windows, 1)
+    for figures in results["shipped"].values():
+        figures["seconds_per_10000"] = 10000 / figures["images_per_s"]
+
     train_flops, convolution_flops, forward_flops = flops_per_image()
     share = convolution_share(train_steps["ours"], device)
     peaks = {
@@ -315,6 +352,9 @@ def main() -> None:
             memory = f"{figures['peak_memory_mib']:.0f}" if figures["peak_memory_mib"] else "-"
             ratio = figures["images_per_s"] / results[kind][reference]["images_per_s"]
             print(f"| {kind}: {name} | {figures['images_per_s']:.1f} | {ratio:.2f} | {memory} |")
+    print("\n| shipped model: default sampler | seconds per 10,000 digits | digits/s |\n| --- | --- | --- |")
+    for name, figures in results["shipped"].items():
+        print(f"| {name} | {figures['seconds_per_10000']:.0f} | {figures['images_per_s']:.1f} |")
     print(f"\nUNet: {train_flops / 1e9:.2f} GFLOP per image per training step, {forward_flops / 1e9:.2f} per forward")
     print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
     print(f"ours trains at {results['train_fraction_of_bf16_peak']:.0%} of the bf16 matmul peak")

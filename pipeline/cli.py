@@ -21,6 +21,8 @@ from .sampling import (
     generate,
     generate_batches,
     load_pipeline,
+    make_scheduler,
+    sampler_settings,
     sampling_precision,
 )
 
@@ -61,7 +63,7 @@ def check_sample_outputs(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace) -> None:
     """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
     check_sample_outputs(args)
-    pipe = load_pipeline(args.model, args.scheduler)
+    pipe, steps = load_sampler(args)
     labels = np.resize(args.class_labels, args.num_images) if args.class_labels else None
     print(
         f"Sampling {args.num_images:,} digits ({args.num_images * 28 * 28 / 2**20:,.0f} MiB); Ctrl-C keeps those done."
@@ -70,7 +72,7 @@ def sample(args: argparse.Namespace) -> None:
     try:
         with sampling_precision(pipe.device, args.precision):
             for batch in generate_batches(
-                pipe, args.num_images, args.seed, args.batch_size, sampler_steps(args), labels, args.prompt,
+                pipe, args.num_images, args.seed, args.batch_size, steps, labels, args.prompt,
                 args.negative_prompt, args.guidance_scale,
             ):  # fmt: skip
                 batches.append(batch)
@@ -89,11 +91,13 @@ def sample(args: argparse.Namespace) -> None:
     print(f"Wrote {len(digits)} digits to {args.out}" + (f" and {args.npz}" if args.npz else ""))
 
 
-def sampler_steps(args: argparse.Namespace) -> int | None:
-    """--num_inference_steps, else the training steps for DDPM and the recommended count for the fast samplers."""
-    if args.num_inference_steps is not None or args.scheduler == "ddpm":
-        return args.num_inference_steps
-    return DEFAULT_SAMPLER[1]
+def load_sampler(args: argparse.Namespace) -> tuple[MNISTDiffusionPipeline, int]:
+    """--model with --scheduler swapped in (default: the model's own choice), and the steps to take; records the
+    sampler's name in `args.scheduler`."""
+    pipe = load_pipeline(args.model)
+    args.scheduler, steps = sampler_settings(pipe, args.scheduler, args.num_inference_steps)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    return pipe, steps
 
 
 def read_digits(path: str) -> np.ndarray:
@@ -186,17 +190,17 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.samples:
         digits = read_digits(args.samples)
     else:
-        pipe = load_pipeline(args.model, args.scheduler)
+        pipe, steps = load_sampler(args)
         # A conditional model is asked for 0..9 in turn, and scored on whether it drew what was asked.
         labels = digit_cycle(args.num_samples) if pipe.conditioning != "none" else None
         with sampling_precision(pipe.device, args.precision):
             digits = generate(
-                pipe, args.num_samples, args.seed, args.batch_size, sampler_steps(args), labels,
+                pipe, args.num_samples, args.seed, args.batch_size, steps, labels,
                 guidance_scale=args.guidance_scale,
             )  # fmt: skip
     results = evaluate_digits(digits, reference_features(args.dataset_name, args.split), labels)
     if args.model:
-        results.update(scheduler=args.scheduler, steps=sampler_steps(args), sampling_precision=args.precision)
+        results.update(scheduler=args.scheduler, steps=steps, sampling_precision=args.precision)
     results.update(model=args.model, samples=args.samples)
     if labels is not None:
         results["guidance_scale"] = args.guidance_scale
@@ -262,14 +266,15 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
-        default=DEFAULT_SAMPLER[0],
-        help=f"Sampler. Default {DEFAULT_SAMPLER[0]} ({DEFAULT_SAMPLER[1]} steps); ddpm is the model's own ancestral one.",
+        default=None,
+        help=f"Sampler. Default: {DEFAULT_SAMPLER[0]} ({DEFAULT_SAMPLER[1]} steps), or lcm in the model's own few "
+        "steps for distilled models; ddpm is a trained model's own ancestral one.",
     )
     parser.add_argument(
         "--num_inference_steps",
         type=positive_int,
         default=None,
-        help=f"Default: {DEFAULT_SAMPLER[1]}, or the training steps (50) for ddpm.",
+        help=f"Default: the sampler's usual count ({DEFAULT_SAMPLER[1]}; 50 for ddpm; a distilled model's own for lcm).",
     )
     parser.add_argument(
         "--precision",

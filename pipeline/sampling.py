@@ -36,6 +36,16 @@ def default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[str, int]:
     return DEFAULT_SAMPLER
 
 
+def sampler_settings(pipe: MNISTDiffusionPipeline, scheduler: str | None, steps: int | None) -> tuple[str, int]:
+    """The sampler and steps to use: those asked for, else the model's (`default_sampler`); a sampler asked for without
+    steps takes its usual count (the training steps for ddpm, else DEFAULT_SAMPLER's)."""
+    name, default_steps = default_sampler(pipe)
+    if scheduler is not None and scheduler != name:
+        name = scheduler
+        default_steps = pipe.scheduler.config.num_train_timesteps if scheduler == "ddpm" else DEFAULT_SAMPLER[1]
+    return name, steps or default_steps
+
+
 def make_scheduler(name: str, config: dict) -> SchedulerMixin:
     """One of SCHEDULERS, built from a model's scheduler config, starting from pure noise whatever the config says."""
     cls, settings = SCHEDULERS[name]

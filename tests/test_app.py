@@ -2,6 +2,7 @@
 with gradio_client, several requests at once, and with bad input. It serves the shipped pipelines."""
 
 import io
+import json
 import os
 import re
 import socket
@@ -101,6 +102,24 @@ def test_browser_draws_the_digits_mnist_diffusion_sample_draws(page, tmp_path, r
     np.testing.assert_array_equal(shown, expected)
     if request.config.getoption("--screenshot"):
         page.screenshot(path=request.config.getoption("--screenshot"), full_page=True)
+
+
+def test_browser_gives_a_distilled_model_its_own_sampler_and_steps(page, tmp_path):
+    fast = Path(app.ROOT) / "pretrained" / "ddpm-mnist-fast"
+    steps = json.loads((fast / "model_index.json").read_text())["default_num_inference_steps"]
+    pick(page, "model", fast.name)
+    expect(page.locator("#sampler input")).to_have_value("lcm")
+    expect(page.locator("#steps input")).to_have_value(str(steps))
+    fill(page, "num_images", 8)
+    fill(page, "seed", 3)
+    page.locator("#generate").click()
+    image = page.locator("#digits img")
+    expect(image).to_have_attribute("src", re.compile(".+"), timeout=30_000)
+    shown = np.asarray(Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body())).convert("L"))
+    npz = tmp_path / "fast.npz"
+    cli.main(["sample", "--model", str(fast), "--num_images", "8", "--seed", "3", "--out", str(tmp_path / "g.png"),
+              "--npz", str(npz)])  # fmt: skip
+    np.testing.assert_array_equal(shown, np.asarray(image_grid(np.load(npz)["images"], nrow=8, scale=3)))
 
 
 def test_browser_shows_bad_input_as_a_message(page):

@@ -1,0 +1,119 @@
+"""Few-step distillation: `train_ddpm.py --distill_from` trains a student that samples in its own few steps."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_weights, base_args, cli_error, run_python, train
+from diffusers import LCMScheduler
+
+from pipeline import MNISTDiffusionPipeline
+from pipeline.cli import main
+from pipeline.loss import ConsistencyDistillationLoss
+
+
+@pytest.fixture(scope="module")
+def teacher(mnist_dir, tiny_unet_config, tmp_path_factory):
+    """A tiny trained pipeline folder to distil from."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    return out
+
+
+def distill_args(mnist_dir, teacher, out, *extra: str) -> list[str]:
+    """Flags for a seconds-long distillation of the tiny teacher."""
+    return [
+        "--dataset_name", str(mnist_dir), "--distill_from", str(teacher), "--output_dir", str(out),
+        "--train_batch_size", "16", "--eval_batch_size", "4", "--lr_warmup_steps", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_student_saves_its_scheduler_and_samples_in_its_few_steps(mnist_dir, teacher, tmp_path):
+    out = tmp_path / "fast"
+    train(*distill_args(mnist_dir, teacher, out, "--max_train_steps", "3", "--num_inference_steps", "3"))
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    assert json.loads((out / "model_index.json").read_text())["default_num_inference_steps"] == 3
+    assert "distill_from" in (out / "README.md").read_text()
+    loaded = MNISTDiffusionPipeline.from_pretrained(out)
+    assert loaded.default_num_inference_steps == 3
+    assert sorted(loaded.components) == ["scheduler", "text_encoder", "tokenizer", "unet"]  # the stock set
+    # The stock loader, in a fresh process, samples in the student's 3 steps by default, from pure noise.
+    code = (
+        "import torch\nfrom diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+        "seen = []\n"
+        "pipe(generator=torch.manual_seed(0), callback_on_step_end=lambda p, i, t, k: seen.append(int(t)) or {})\n"
+        "print(type(pipe.scheduler).__name__, seen)\n"
+    )
+    assert "LCMScheduler [49, 33, 17]" in run_python(code, tmp_path).stdout
+    # The command line does the same: its default is the model's own sampler and steps.
+    main(["sample", "--model", str(out), "--num_images", "3", "--out", str(tmp_path / "a.png"), "--npz", str(tmp_path / "a.npz")])  # fmt: skip
+    main(["sample", "--model", str(out), "--num_images", "3", "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")]
+         + ["--scheduler", "lcm", "--num_inference_steps", "3"])  # fmt: skip
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"])
+    main(["evaluate", "--model", str(out), "--num_samples", "10", "--dataset_name", str(mnist_dir)]
+         + ["--out", str(tmp_path / "e.json")])  # fmt: skip
+    results = json.loads((tmp_path / "e.json").read_text())
+    assert (results["scheduler"], results["steps"]) == ("lcm", 3)
+
+
+def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*distill_args(mnist_dir, teacher, straight, "--max_train_steps", "4"))
+    train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert (resumed / "checkpoint-2" / "unet_target").is_dir()
+    assert_same_weights(
+        straight / "unet" / "diffusion_pytorch_model.safetensors",
+        resumed / "unet" / "diffusion_pytorch_model.safetensors",
+    )
+
+
+def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "no such folder" in cli_error(capsys, *distill_args(mnist_dir, tmp_path / "none", out))
+    message = cli_error(capsys, *distill_args(mnist_dir, teacher, out, "--num_ddim_timesteps", "7"))
+    assert "--num_ddim_timesteps must divide the teacher's 50 training steps, got 7" in message
+    copies = cli_error(capsys, *distill_args(mnist_dir, teacher, out, "--conditioning", "class"))
+    assert "the student copies the teacher's UNet" in copies
+    cond = tmp_path / "cond"
+    train(*base_args(mnist_dir, tiny_unet_config, cond, "--max_train_steps", "1", "--conditioning", "class"))
+    assert "class-conditional" in cli_error(capsys, *distill_args(mnist_dir, cond, out))
+    fast = tmp_path / "fast"
+    train(*distill_args(mnist_dir, teacher, fast, "--max_train_steps", "1"))
+    assert "distil from the model that was trained" in cli_error(capsys, *distill_args(mnist_dir, fast, out))
+    assert not out.exists()
+
+
+def test_consistency_function_is_the_one_lcm_scheduler_samples_with(tiny_pipeline):
+    scheduler = LCMScheduler.from_config(tiny_pipeline.scheduler.config, clip_sample=False)
+    unet = tiny_pipeline.unet
+    loss = ConsistencyDistillationLoss(scheduler, unet, unet, num_ddim_timesteps=25)
+    assert loss.grid.tolist() == list(range(1, 50, 2))
+    generator = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(2, 1, 28, 28, generator=generator), torch.randn(2, 1, 28, 28, generator=generator)
+    for t in (49, 20, 1, 0):
+        scheduler.set_timesteps(timesteps=[t])
+        expected = scheduler.step(output, t, sample).denoised
+        value, x_0, noise = loss.consistency(output, sample, torch.full((2,), t))
+        torch.testing.assert_close(value, expected)
+        # x_0 and the noise put back together give the sample: the teacher's DDIM step is exact at its own level.
+        alpha = scheduler.alphas_cumprod[t]
+        torch.testing.assert_close(alpha.sqrt() * x_0 + (1 - alpha).sqrt() * noise, sample, atol=1e-5, rtol=1e-5)
+    # At t = 0 the consistency function is the identity (the boundary condition).
+    torch.testing.assert_close(loss.consistency(output, sample, torch.zeros(2, dtype=torch.long))[0], sample)
+
+
+def test_only_the_student_learns_and_the_loss_is_a_function_of_the_seed(tiny_pipeline):
+    scheduler = LCMScheduler.from_config(tiny_pipeline.scheduler.config)
+    student = tiny_pipeline.unet
+    teacher, target = (copy.deepcopy(student).requires_grad_(False) for _ in range(2))
+    loss = ConsistencyDistillationLoss(scheduler, teacher, target, huber_c=0.015)
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+    value = loss(student, images, torch.Generator().manual_seed(0))
+    assert value > 0 and value == loss(student, images, torch.Generator().manual_seed(0))
+    value.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in [*teacher.parameters(), *target.parameters()])
