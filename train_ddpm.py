@@ -181,7 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(latent consistency distillation; the student starts from its weights).",
     )
     distill.add_argument(
-        "--num_ddim_timesteps", type=int, default=50, help="Points of the teacher's timestep grid the student learns."
+        "--num_ddim_timesteps",
+        type=int,
+        default=50,
+        help="Points of the teacher's 50 timesteps the student learns on (a divisor of 50).",
     )
     distill.add_argument(
         "--loss_type", default="huber", choices=["l2", "huber"], help="Distance between the consistency outputs."

@@ -5,7 +5,7 @@ import re
 
 import torch
 from conftest import ROOT, TINY_UNET
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import LCMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler
@@ -31,6 +31,10 @@ def test_readme_python_examples_run(tmp_path, tiny_clip, monkeypatch):
         pipe = MNISTDiffusionPipeline(unet, scheduler, text_encoder, tokenizer)
         pipe.set_progress_bar_config(disable=True)
         pipe.save_pretrained(tmp_path / folder)
+    # A distilled pipeline: its own few-step scheduler and step count.
+    fast = MNISTDiffusionPipeline(UNet2DModel(**TINY_UNET), LCMScheduler.from_config(scheduler.config), None, None, 2)
+    fast.set_progress_bar_config(disable=True)
+    fast.save_pretrained(tmp_path / "pretrained/ddpm-mnist-fast")
     monkeypatch.chdir(tmp_path)
     examples = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert len(examples) >= 3
