@@ -195,7 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timestep_scaling_factor", type=float, default=10.0, help="LCMScheduler's boundary-condition scaling."
     )
     distill.add_argument(
-        "--num_inference_steps", type=int, default=2, help="The steps the distilled pipeline samples with by default."
+        "--num_inference_steps", type=int, default=4, help="The steps the distilled pipeline samples with by default."
     )
 
     out = parser.add_argument_group("logging, checkpoints and the Hub")
