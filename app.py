@@ -146,7 +146,8 @@ def build_demo(models: list[str]) -> gr.Blocks:
     first_sampler, first_steps = default_sampler(pipelines[names[0]])
     with gr.Blocks(title="MNIST Diffusion", analytics_enabled=False) as demo:
         gr.Markdown(
-            "# MNIST Diffusion\nA 50-step DDPM built on diffusers draws handwritten digits from pure noise. "
+            "# MNIST Diffusion\nA 50-step DDPM built on diffusers draws handwritten digits from pure noise (a "
+            "distilled model, such as ddpm-mnist-fast, in a few steps of its own sampler). "
             "Digit *i* starts from the noise of seed + *i*: the same settings give the same digits as "
             "`mnist-diffusion sample`."
         )

@@ -93,6 +93,8 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         scheduler ([`SchedulerMixin`]): the noise scheduler the UNet was trained with, or a compatible sampler.
         text_encoder ([`CLIPTextModel`], *optional*): a frozen text encoder, for models that take a prompt.
         tokenizer ([`CLIPTokenizer`], *optional*): its tokenizer.
+        default_num_inference_steps (`int`, *optional*): the steps to sample in when not told; set for few-step
+            (distilled) models, whose scheduler is an [`LCMScheduler`]. Defaults to the training steps.
 
     Example:
 
@@ -117,9 +119,16 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         scheduler: DDPMScheduler,
         text_encoder: CLIPTextModel | None = None,
         tokenizer: CLIPTokenizer | None = None,
+        default_num_inference_steps: int | None = None,
     ):
         super().__init__(unet=unet, scheduler=scheduler)
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The steps `__call__` takes when not told: a distilled model's few, else the training steps."""
+        return self.config.get("default_num_inference_steps") or self.scheduler.config.num_train_timesteps
 
     @property
     def conditioning(self) -> str:
@@ -288,7 +297,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             generator (`torch.Generator` or a list of them, *optional*): makes generation deterministic; one per image
                 makes each image independent of the batch it is in.
             num_inference_steps (`int`, *optional*): denoising steps, 1 to the training steps; defaults to the
-                training steps (50).
+                pipeline's `default_num_inference_steps` (the training steps, 50, unless the model is distilled).
             timesteps (`list[int]`, *optional*): custom timesteps, descending from the last training step, for
                 schedulers whose `set_timesteps` takes them; overrides `num_inference_steps`.
             class_labels (`int` or `list[int]`, *optional*): the digit(s) to draw, for a class-conditional model.
@@ -313,9 +322,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if num_inference_steps is None:
-            num_inference_steps = (
-                len(timesteps) if timesteps is not None else self.scheduler.config.num_train_timesteps
-            )
+            num_inference_steps = len(timesteps) if timesteps is not None else self.default_num_inference_steps
         if isinstance(class_labels, (torch.Tensor, np.ndarray, np.generic)):
             class_labels = class_labels.tolist()
         if isinstance(class_labels, (int, float)):
@@ -443,7 +450,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             tags=[task[self.conditioning], "diffusers", "ddpm", "mnist"],
             datasets=[dataset] if dataset and not os.path.exists(dataset) else None,  # Hub ids only, not local paths
         )
-        steps = self.scheduler.config.num_train_timesteps
+        steps = self.default_num_inference_steps
         params = sum(p.numel() for p in self.unet.parameters())
         settings = {k: v for k, v in (training_args or {}).items() if k not in SECRET_SETTINGS}
         settings_text = (

@@ -1,0 +1,515 @@
+# Copyright 2026 The MNIST Diffusion authors. Licensed under the Apache License, Version 2.0.
+"""`MNISTDiffusionPipeline`: a 50-step DDPM for 28x28 grayscale digits.
+
+This file is self-contained (it imports only torch, numpy, PIL, huggingface_hub, transformers and diffusers): `save_pretrained`
+copies it next to the weights, so `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds the class
+even where this package is not installed.
+"""
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import ModelCard, ModelCardData, create_repo
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+MODULE_NAME = os.path.splitext(os.path.basename(__file__))[0]
+# Settings that must never reach a model card (`train_ddpm.py` hands its arguments to the card).
+SECRET_SETTINGS = ("hub_token",)
+# What saved sample grids and model cards ask a conditional model for.
+EXAMPLE_PROMPT = "a handwritten {}"
+
+
+def check_unet_config(config: Any) -> None:
+    """Raise a clear `ValueError` if a UNet config cannot run at its `sample_size` (e.g. too many levels for 28)."""
+    halvings = len(config.block_out_channels) - 1
+    bad = [size for size in sample_shape(config) if size % 2**halvings]
+    if bad:
+        size = bad[0]
+        sizes = " -> ".join(str(size // 2**i) if size % 2**i == 0 else f"{size / 2**i:g}" for i in range(halvings + 1))
+        raise ValueError(
+            f"A UNet with {halvings + 1} resolution levels cannot run at {size}x{size} ({sizes}): each level halves the "
+            f"image and the way back up must restore it exactly. Use at most "
+            f"{(size & -size).bit_length()} levels (block_out_channels) for this sample_size."
+        )
+
+
+def sample_shape(config: Any) -> tuple[int, int]:
+    """A UNet config's `sample_size` as (height, width)."""
+    size = config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def trailing_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
+    """Exactly `num_inference_steps` timesteps spaced as diffusers' "trailing" spacing: from the last training step,
+    pure noise, down in equal strides."""
+    steps = np.linspace(num_train_timesteps, 0, num_inference_steps, endpoint=False).round().astype(int) - 1
+    return steps.tolist()
+
+
+def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) -> Image.Image:
+    """Tile `(N, H, W)` uint8 images into one grayscale PIL grid, upscaled with nearest neighbour (never blurred)."""
+    n, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = -(-n // ncol)
+    grid = np.zeros((nrows * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
+    return Image.fromarray(grid, mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline `np` output `(N, H, W, 1)` in [0, 1] to `(N, H, W)` uint8, MNIST's own format."""
+    return (images[..., 0] * 255).round().astype(np.uint8)
+
+
+class MNISTDiffusionPipeline(DDPMPipeline):
+    r"""
+    Pipeline that generates 28x28 grayscale digits with a DDPM trained on MNIST: unconditionally, by class label
+    (a `UNet2DModel` with `num_class_embeds=11`: ten digits and a "no label" token) or by prompt (a
+    `UNet2DConditionModel` and a frozen CLIP text encoder), with classifier-free guidance.
+
+    Unlike the stock [`DDPMPipeline`], the number of steps defaults to the scheduler's training steps (50), and every
+    sampler starts from pure noise: any scheduler swapped in with `from_config` (DDPM, DDIM, DPM-Solver++, Euler,
+    UniPC, LCM, ...) samples in any number of steps up to the training steps, on timesteps from the last training
+    step down ("trailing" spacing; custom `timesteps` where the scheduler takes them). The sampler's state stays
+    float32 whatever the UNet's dtype, `output_type="latent"` returns that state, and `callback_on_step_end` sees
+    and may replace `latents` at every step.
+
+    Parameters:
+        unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): the denoiser, 1 input and 1 output channel.
+        scheduler ([`SchedulerMixin`]): the noise scheduler the UNet was trained with, or a compatible sampler.
+        text_encoder ([`CLIPTextModel`], *optional*): a frozen text encoder, for models that take a prompt.
+        tokenizer ([`CLIPTokenizer`], *optional*): its tokenizer.
+        default_num_inference_steps (`int`, *optional*): the steps to sample in when not told; set for few-step
+            (distilled) models, whose scheduler is an [`LCMScheduler`]. Defaults to the training steps.
+
+    Example:
+
+    ```py
+    >>> from diffusers import DiffusionPipeline
+
+    >>> pipe = DiffusionPipeline.from_pretrained("pretrained/ddpm-mnist", trust_remote_code=True)
+    >>> images = pipe(batch_size=16, generator=torch.manual_seed(0)).images
+    >>> images[0].save("digit.png")
+
+    >>> pipe = DiffusionPipeline.from_pretrained("pretrained/ddpm-mnist-cond", trust_remote_code=True)
+    >>> sevens = pipe(class_labels=[7] * 8, guidance_scale=2.0).images
+    ```
+    """
+
+    _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "image", "model_output"]  # "image": the same tensor as "latents"
+
+    def __init__(
+        self,
+        unet: UNet2DModel | UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+        text_encoder: CLIPTextModel | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        default_num_inference_steps: int | None = None,
+    ):
+        super().__init__(unet=unet, scheduler=scheduler)
+        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+
+    @property
+    def default_num_inference_steps(self) -> int:
+        """The steps `__call__` takes when not told: a distilled model's few, else the training steps."""
+        return self.config.get("default_num_inference_steps") or self.scheduler.config.num_train_timesteps
+
+    @property
+    def conditioning(self) -> str:
+        """What the model is conditioned on: "text", "class" or "none"."""
+        if isinstance(self.unet, UNet2DConditionModel):
+            return "text"
+        return "class" if getattr(self.unet.config, "num_class_embeds", None) else "none"
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (from a callback) to skip the remaining steps."""
+        return getattr(self, "_interrupt", False)
+
+    def set_sampling_timesteps(
+        self, num_inference_steps: int, timesteps: list[int] | None, device: torch.device
+    ) -> torch.Tensor:
+        """Set the scheduler's timesteps so that sampling starts from pure noise at the last training step.
+
+        A grid that already does (50 DDPM steps, any "trailing" scheduler) is used as the scheduler makes it, as the
+        stock pipeline does; otherwise exact trailing timesteps, passed where the scheduler takes custom ones."""
+        scheduler, last = self.scheduler, self.scheduler.config.num_train_timesteps - 1
+        takes_timesteps = "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
+        if timesteps is not None:
+            if not takes_timesteps:
+                raise ValueError(
+                    f"{type(scheduler).__name__} takes no custom `timesteps`; pass `num_inference_steps`."
+                )
+            scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+        else:
+            if isinstance(scheduler, (DDIMScheduler, PNDMScheduler)) and (last + 1) % num_inference_steps:
+                divisors = [n for n in range(1, last + 2) if (last + 1) % n == 0]
+                raise ValueError(
+                    f"{type(scheduler).__name__} steps by num_train_timesteps // num_inference_steps, so it reaches the "
+                    f"digit from pure noise only in a step count that divides {last + 1} ({divisors}); got "
+                    f"{num_inference_steps}. Use one of those, or DPMSolverMultistepScheduler for any count."
+                )
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            if scheduler.timesteps[0] != last:
+                if takes_timesteps:
+                    scheduler.set_timesteps(timesteps=trailing_timesteps(last + 1, num_inference_steps), device=device)
+                elif "timestep_spacing" in scheduler.config:
+                    spacing = scheduler.config.timestep_spacing
+                    scheduler.register_to_config(timestep_spacing="trailing")
+                    scheduler.set_timesteps(num_inference_steps, device=device)
+                    scheduler.register_to_config(timestep_spacing=spacing)
+        if scheduler.timesteps[0] != last:
+            raise ValueError(
+                f"{type(scheduler).__name__} would start at timestep {int(scheduler.timesteps[0])}, but the model "
+                f"starts from pure noise at {last}: give `timesteps` that start there, or swap the scheduler in with "
+                '`from_config(config, timestep_spacing="trailing")`.'
+            )
+        return scheduler.timesteps
+
+    def encode_prompt(self, prompt: list[str]) -> torch.Tensor:
+        """CLIP text-encoder hidden states `(N, 77, D)` for the prompts, in the UNet's dtype."""
+        tokens = self.tokenizer(
+            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device))[0]
+        return hidden.to(self.unet.dtype)
+
+    def prepare_conditions(
+        self,
+        batch_size: int,
+        class_labels: list[int] | None,
+        prompt: list[str] | None,
+        negative_prompt: list[str] | None,
+        device: torch.device,
+    ) -> tuple[dict, dict | None]:
+        """The UNet's keyword arguments with the condition, and without it (None: nothing to guide)."""
+        if self.conditioning == "class":
+            null = torch.full((batch_size,), self.unet.config.num_class_embeds - 1, device=device)
+            if class_labels is None:
+                return {"class_labels": null}, None
+            return {"class_labels": torch.tensor(class_labels, device=device)}, {"class_labels": null}
+        if self.conditioning == "text":
+            uncond = {"encoder_hidden_states": self.encode_prompt(negative_prompt or [""] * batch_size)}
+            if prompt is None:
+                return uncond, None
+            return {"encoder_hidden_states": self.encode_prompt(prompt)}, uncond
+        return {}, None
+
+    def check_inputs(
+        self,
+        batch_size: int,
+        num_inference_steps: int,
+        timesteps: list[int] | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        output_type: str,
+        tensor_inputs: list[str],
+        class_labels: list[int] | None,
+        prompt: list[str] | None,
+        negative_prompt: list[str] | None,
+        guidance_scale: float,
+    ) -> None:
+        """Reject bad arguments before any work is done."""
+        check_unet_config(self.unet.config)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        for name, values in (("class_labels", class_labels), ("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if values is not None and len(values) != batch_size:
+                raise ValueError(
+                    f"Got {len(values)} `{name}` for batch_size={batch_size}; give one, or one per image."
+                )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for batch_size={batch_size}; give one, or one per image."
+            )
+        if class_labels is not None:
+            if self.conditioning != "class":
+                raise ValueError(
+                    f"`class_labels` need a class-conditional model; this one is conditioned on {self.conditioning}."
+                )
+            num_classes = self.unet.config.num_class_embeds - 1
+            bad = [label for label in class_labels if not isinstance(label, int) or not 0 <= label < num_classes]
+            if bad:
+                raise ValueError(f"`class_labels` must be whole numbers in 0..{num_classes - 1}, got {bad}.")
+        if (prompt is not None or negative_prompt is not None) and self.conditioning != "text":
+            raise ValueError(
+                f"A prompt needs a model with a text encoder; this one is conditioned on {self.conditioning}"
+                + (": pass `class_labels` instead." if self.conditioning == "class" else ".")
+            )
+        if not guidance_scale >= 1:  # also refuses NaN
+            raise ValueError(f"`guidance_scale` must be at least 1 (1 means no guidance), got {guidance_scale}.")
+        max_steps = self.scheduler.config.num_train_timesteps
+        if timesteps is None and (
+            not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps
+        ):
+            raise ValueError(
+                f"`num_inference_steps` must be between 1 and {max_steps} (the steps this model was trained with), "
+                f"got {num_inference_steps!r}."
+            )
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` can only hold {self._callback_tensor_inputs}.")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        class_labels: int | list[int] | torch.Tensor | np.ndarray | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 2.0,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate digits.
+
+        Args:
+            batch_size (`int`, *optional*): how many digits to generate; defaults to the number of labels or prompts,
+                else 1.
+            generator (`torch.Generator` or a list of them, *optional*): makes generation deterministic; one per image
+                makes each image independent of the batch it is in.
+            num_inference_steps (`int`, *optional*): denoising steps, 1 to the training steps; defaults to the
+                pipeline's `default_num_inference_steps` (the training steps, 50, unless the model is distilled).
+            timesteps (`list[int]`, *optional*): custom timesteps, descending from the last training step, for
+                schedulers whose `set_timesteps` takes them; overrides `num_inference_steps`.
+            class_labels (`int` or `list[int]`, *optional*): the digit(s) to draw, for a class-conditional model.
+            prompt (`str` or `list[str]`, *optional*): what to draw, for a text-conditional model.
+            negative_prompt (`str` or `list[str]`, *optional*): what to steer away from; defaults to the empty prompt.
+            guidance_scale (`float`, defaults to 2.0): classifier-free guidance weight `w` in
+                `uncond + w * (cond - uncond)`; 1 means no guidance. Ignored without labels or a prompt.
+            latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`; drawn from
+                `generator` if not given.
+            output_type (`str`, defaults to `"pil"`): `"pil"` (mode "L" images), `"np"` (N, 28, 28, 1) floats in
+                [0, 1], `"pt"` (N, 1, 28, 28) float32 in [0, 1], or `"latent"`: the sampler's final state
+                (N, 1, 28, 28) float32 in [-1, 1], unclamped.
+            return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*): called
+                after each step as `callback_on_step_end(pipe, i, t, callback_kwargs)` with the tensors named in
+                `callback_on_step_end_tensor_inputs` ("latents", alias "image", is x_t in [-1, 1]; "model_output" the
+                UNet's guided prediction); it may return a dict that replaces "latents".
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple` whose first element is the list or array of images.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if num_inference_steps is None:
+            num_inference_steps = len(timesteps) if timesteps is not None else self.default_num_inference_steps
+        if isinstance(class_labels, (torch.Tensor, np.ndarray, np.generic)):
+            class_labels = class_labels.tolist()
+        if isinstance(class_labels, (int, float)):
+            class_labels = [class_labels]
+        if class_labels is not None:
+            class_labels = [
+                label.item() if isinstance(label, (np.generic, torch.Tensor)) else label for label in class_labels
+            ]
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        if batch_size is None:
+            batch_size = len(class_labels or prompt or [None])
+        # One label or prompt serves the whole batch.
+        class_labels, prompt, negative_prompt = (
+            values * batch_size if values is not None and len(values) == 1 else values
+            for values in (class_labels, prompt, negative_prompt)
+        )
+        self.check_inputs(
+            batch_size, num_inference_steps, timesteps, generator, output_type, callback_on_step_end_tensor_inputs,
+            class_labels, prompt, negative_prompt, guidance_scale,
+        )  # fmt: skip
+
+        device = self._execution_device
+        shape = (batch_size, self.unet.config.in_channels, *sample_shape(self.unet.config))
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif latents.shape != shape:
+            raise ValueError(
+                f"`latents` must have shape {shape} for batch_size={batch_size}, got {tuple(latents.shape)}."
+            )
+        else:
+            latents = latents.to(device=device, dtype=torch.float32)
+        condition, no_condition = self.prepare_conditions(batch_size, class_labels, prompt, negative_prompt, device)
+        guide = no_condition is not None and guidance_scale != 1
+        if guide:  # one UNet call on [conditioned; unconditioned]
+            condition = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
+        timesteps = self.set_sampling_timesteps(num_inference_steps, timesteps, device)
+        latents = latents * self.scheduler.init_noise_sigma
+        # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
+
+        self._interrupt = False
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
+            # The UNet runs in its own dtype (e.g. after `pipe.to(torch.bfloat16)`); the sampler's state stays float32,
+            # so 50 small updates do not lose precision and a seed gives the same noise in any dtype.
+            model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
+            if guide:
+                model_output = self.unet(torch.cat([model_input] * 2), t, **condition).sample.float()
+                conditioned, unconditioned = model_output.chunk(2)
+                model_output = unconditioned + guidance_scale * (conditioned - unconditioned)
+            else:
+                model_output = self.unet(model_input, t, **condition).sample.float()
+            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                local = {"latents": latents, "image": latents, "model_output": model_output}
+                outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                outputs = outputs or {}
+                latents = outputs.get("latents", outputs.get("image", latents))
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = (latents / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                image = image.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # Saved folders name their class as ["<module file>", "MNISTDiffusionPipeline"] so that a bare
+        # `DiffusionPipeline.from_pretrained` can find it; called on this class itself, load into this class
+        # rather than into a copy of it executed from the folder.
+        config = super()._dict_from_json_file(json_file)
+        if isinstance(config.get("_class_name"), list) and config["_class_name"][1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return config
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, training_args: dict | None = None, **kwargs: Any
+    ) -> None:
+        """Save weights (safetensors), configs, this module file, a sample grid and a model card to a folder."""
+        super().save_pretrained(save_directory, **kwargs)
+        shutil.copyfile(inspect.getfile(type(self)), os.path.join(save_directory, f"{MODULE_NAME}.py"))
+        index_file = os.path.join(save_directory, "model_index.json")
+        with open(index_file) as f:
+            index = json.load(f)
+        index["_class_name"] = [MODULE_NAME, type(self).__name__]
+        with open(index_file, "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+        digits = self(
+            generator=torch.Generator().manual_seed(0), output_type="np", **self.example_conditions(16)
+        ).images
+        image_grid(to_uint8(digits), nrow=8, scale=3).save(os.path.join(save_directory, "samples.png"))
+        self.model_card(training_args).save(os.path.join(save_directory, "README.md"))
+
+    def example_conditions(self, n: int) -> dict:
+        """Keyword arguments that ask for `n` digits, 0 to 9 in turn if the model takes a condition."""
+        digits = [i % 10 for i in range(n)]
+        if self.conditioning == "class":
+            return {"class_labels": digits}
+        if self.conditioning == "text":
+            return {"prompt": [EXAMPLE_PROMPT.format(d) for d in digits]}
+        return {"batch_size": n}
+
+    def model_card(self, training_args: dict | None = None) -> ModelCard:
+        """A Hub model card: metadata, a sample grid, how to load and sample, and the training settings."""
+        dataset = (training_args or {}).get("dataset_name")
+        task = {"none": "unconditional-image-generation", "class": "image-generation", "text": "text-to-image"}
+        data = ModelCardData(
+            library_name="diffusers",
+            license="apache-2.0",
+            pipeline_tag=task[self.conditioning],
+            tags=[task[self.conditioning], "diffusers", "ddpm", "mnist"],
+            datasets=[dataset] if dataset and not os.path.exists(dataset) else None,  # Hub ids only, not local paths
+        )
+        steps = self.default_num_inference_steps
+        params = sum(p.numel() for p in self.unet.parameters())
+        settings = {k: v for k, v in (training_args or {}).items() if k not in SECRET_SETTINGS}
+        settings_text = (
+            "\n## Training settings\n\n| setting | value |\n| --- | --- |\n"
+            + "".join(f"| {k} | `{v}` |\n" for k, v in sorted(settings.items()))
+            if settings
+            else ""
+        )
+        call = {
+            "none": "batch_size=16",
+            "class": "class_labels=[7] * 16, guidance_scale=2.0",
+            "text": f'prompt="{EXAMPLE_PROMPT.format(7)}", batch_size=16, guidance_scale=2.0',
+        }[self.conditioning]
+        condition = {
+            "none": "",
+            "class": " of the digit you ask for (`class_labels`, classifier-free guidance)",
+            "text": f" that a prompt describes (a frozen `{type(self.text_encoder).__name__}`, classifier-free guidance)",
+        }[self.conditioning]
+        content = f"""---
+{data.to_yaml()}
+---
+
+# {type(self).__name__}
+
+A denoising diffusion model (DDPM) that draws 28x28 grayscale handwritten digits{condition} in {steps} steps:
+a {params / 1e6:.2f} M-parameter `{type(self.unet).__name__}` and a `{type(self.scheduler).__name__}`
+(`{self.scheduler.config.beta_schedule}` betas, `{self.scheduler.config.prediction_type}` prediction).
+
+![samples](samples.png)
+
+## Usage
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("<this folder or repo id>", trust_remote_code=True)
+images = pipe({call}, generator=torch.manual_seed(0)).images  # 16 PIL images, mode "L"
+```
+
+`trust_remote_code=True` runs `{MODULE_NAME}.py` from this repository, which defines the pipeline class;
+read it first. With the `mnist-diffusion` package installed, `MNISTDiffusionPipeline.from_pretrained(...)`
+loads the same weights without running code from the repository.
+{settings_text}"""
+        return ModelCard(content)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        training_args: dict | None = None,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload the folder `save_pretrained` writes (weights, module file, sample grid, model card) to the Hub."""
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmpdir:
+            self.save_pretrained(tmpdir, training_args=training_args)
+            return self._upload_folder(
+                tmpdir, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            )
