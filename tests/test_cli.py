@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image
 
-from pipeline import visualize
+from pipeline import MNISTDiffusionPipeline, visualize
 from pipeline.cli import main
 from pipeline.data import load_images
+from pipeline.pipeline_mnist_diffusion import trailing_timesteps
 from pipeline.sampling import DEFAULT_SAMPLER, SCHEDULERS, generate, make_scheduler, sampling_precision
 
 
@@ -47,6 +49,24 @@ def test_sample_defaults_to_the_recommended_sampler(model_dir, tmp_path, tiny_pi
     main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "ddim"]
          + ["--num_inference_steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
     assert not np.array_equal(np.load(npz)["images"], expected)
+
+
+def test_ddim_is_diffusers_ddim_and_takes_any_step_count(tiny_pipeline):
+    config = tiny_pipeline.scheduler.config
+    stock = DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False)
+    ours = make_scheduler("ddim", config)
+    digits = {}
+    for name, scheduler in (("stock", stock), ("ours", ours)):
+        pipe = MNISTDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": scheduler})
+        digits[name] = pipe(generator=torch.manual_seed(0), num_inference_steps=10, output_type="latent").images
+    torch.testing.assert_close(digits["ours"], digits["stock"], atol=1e-4, rtol=1e-4)
+    # 7 does not divide 50: diffusers' DDIMScheduler would jump to the wrong noise levels, and the pipeline refuses it.
+    with pytest.raises(ValueError, match="divides 50"):
+        MNISTDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": stock})(num_inference_steps=7)
+    seen = []
+    pipe = MNISTDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": ours})
+    latents = pipe(num_inference_steps=7, output_type="latent", callback_on_step_end=lambda p, i, t, k: seen.append(int(t)) or {}).images  # fmt: skip
+    assert seen == trailing_timesteps(50, 7) and torch.isfinite(latents).all()  # 49, 42, 35, 28, 20, 13, 6
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
