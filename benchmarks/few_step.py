@@ -26,29 +26,26 @@ import torch
 from machine import describe
 
 from pipeline.evaluate import evaluate_digits, reference_features
-from pipeline.sampling import default_sampler, generate, load_pipeline, make_scheduler, sampling_precision
+from pipeline.sampling import generate, load_sampler, sampling_precision
 
 
 def timed_digits(
     model: str, num_images: int, steps: int | None, batch_size: int, precision: str = "auto", seed: int = 0
-) -> tuple[np.ndarray, float]:
-    """`num_images` digits from `model`'s default sampler (in `steps`) and the seconds they took, loading excluded."""
-    pipe = load_pipeline(model)
-    sampler, default_steps = default_sampler(pipe)
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+) -> tuple[np.ndarray, float, tuple[str, int]]:
+    """`num_images` digits from `model`'s default sampler (in `steps`), the seconds they took (loading excluded), and
+    the sampler and steps."""
+    pipe, sampler, steps = load_sampler(model, steps=steps)
     started = time.perf_counter()
     with sampling_precision(pipe.device, precision):
-        digits = generate(pipe, num_images, seed, batch_size, steps or default_steps, progress=False)
-    return digits, time.perf_counter() - started
+        digits = generate(pipe, num_images, seed, batch_size, steps, progress=False)
+    return digits, time.perf_counter() - started, (sampler, steps)
 
 
 def worker(model: str, num_images: int, batch_size: int, threads: int, seed: int, compile_unet: bool) -> dict:
     """In a fresh process: sample with `threads` threads, optionally through torch.compile; seconds for each part."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    pipe = load_pipeline(model)
-    sampler, steps = default_sampler(pipe)
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe, _, steps = load_sampler(model)
     with sampling_precision(pipe.device):
         if compile_unet:
             torch._inductor.config.freezing = True  # weights become constants: folded into the kernels
@@ -97,24 +94,23 @@ def main() -> None:
     real = reference_features(args.dataset_name, "test")
     n = args.num_samples
 
+    default_steps = load_sampler(args.model)[2]
+    if default_steps not in args.steps:
+        raise SystemExit(f"--steps must include {args.model}'s default, {default_steps}, for the speedup.")
     rows = []
     for steps in args.steps:
-        digits, seconds = timed_digits(args.model, n, steps, args.batch_size)
+        digits, seconds, _ = timed_digits(args.model, n, steps, args.batch_size)
         scores = evaluate_digits(digits, real)
         rows.append({"steps": steps, "seconds": seconds, "digits_per_s": n / seconds, **scores})
         print(f"student {steps} steps: {seconds:.1f} s, FID {scores['fid']:.2f}", flush=True)
     results["steps"] = rows
-    _, seconds = timed_digits(args.teacher, args.teacher_num_samples, None, args.batch_size)
-    teacher = {
-        "digits_per_s": args.teacher_num_samples / seconds,
-        "sampler": default_sampler(load_pipeline(args.teacher)),
-    }
+    _, seconds, sampler = timed_digits(args.teacher, args.teacher_num_samples, None, args.batch_size)
+    teacher = {"digits_per_s": args.teacher_num_samples / seconds, "sampler": sampler}
     eval_file = os.path.join(args.teacher, "eval.json")
     if os.path.isfile(eval_file):
         with open(eval_file) as f:
             teacher["eval"] = {k: v for k, v in json.load(f).items() if k != "class_histogram"}
     results["teacher"] = teacher
-    default_steps = default_sampler(load_pipeline(args.model))[1]
     student_rate = next(row["digits_per_s"] for row in rows if row["steps"] == default_steps)
     results["speedup_over_teacher"] = student_rate / teacher["digits_per_s"]
     print(f"teacher {teacher['sampler']}: {teacher['digits_per_s']:.1f} digits/s", flush=True)

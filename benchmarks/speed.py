@@ -47,11 +47,10 @@ from pipeline.data import load_images
 from pipeline.sampling import (
     DEFAULT_SAMPLER,
     default_mixed_precision,
-    default_sampler,
     digit_cycle,
     generate,
     load_pipeline,
-    make_scheduler,
+    load_sampler,
     sampling_precision,
 )
 from pipeline.training import use_plain_attention
@@ -309,9 +308,7 @@ def main() -> None:
     # Every shipped model with the sampler and steps `mnist-diffusion sample` gives it by default.
     shipped = {}
     for model in args.models:
-        pipe = load_pipeline(model)
-        sampler, num_steps = default_sampler(pipe)
-        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+        pipe, sampler, num_steps = load_sampler(model)
         pipe.set_progress_bar_config(disable=True)
         labels = digit_cycle(batch) if pipe.conditioning != "none" else None
 

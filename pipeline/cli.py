@@ -21,8 +21,7 @@ from .sampling import (
     generate,
     generate_batches,
     load_pipeline,
-    make_scheduler,
-    sampler_settings,
+    load_sampler,
     sampling_precision,
 )
 
@@ -63,7 +62,7 @@ def check_sample_outputs(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace) -> None:
     """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
     check_sample_outputs(args)
-    pipe, steps = load_sampler(args)
+    pipe, args.scheduler, steps = load_sampler(args.model, args.scheduler, args.num_inference_steps)
     labels = np.resize(args.class_labels, args.num_images) if args.class_labels else None
     print(
         f"Sampling {args.num_images:,} digits ({args.num_images * 28 * 28 / 2**20:,.0f} MiB); Ctrl-C keeps those done."
@@ -89,15 +88,6 @@ def sample(args: argparse.Namespace) -> None:
     if args.npz:
         np.savez_compressed(args.npz, images=digits, seeds=np.arange(args.seed, args.seed + len(digits)))
     print(f"Wrote {len(digits)} digits to {args.out}" + (f" and {args.npz}" if args.npz else ""))
-
-
-def load_sampler(args: argparse.Namespace) -> tuple[MNISTDiffusionPipeline, int]:
-    """--model with --scheduler swapped in (default: the model's own choice), and the steps to take; records the
-    sampler's name in `args.scheduler`."""
-    pipe = load_pipeline(args.model)
-    args.scheduler, steps = sampler_settings(pipe, args.scheduler, args.num_inference_steps)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    return pipe, steps
 
 
 def read_digits(path: str) -> np.ndarray:
@@ -190,7 +180,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.samples:
         digits = read_digits(args.samples)
     else:
-        pipe, steps = load_sampler(args)
+        pipe, args.scheduler, steps = load_sampler(args.model, args.scheduler, args.num_inference_steps)
         # A conditional model is asked for 0..9 in turn, and scored on whether it drew what was asked.
         labels = digit_cycle(args.num_samples) if pipe.conditioning != "none" else None
         with sampling_precision(pipe.device, args.precision):

@@ -89,6 +89,17 @@ def load_pipeline(model: str, scheduler: str | None = None) -> MNISTDiffusionPip
     return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_sampler(
+    model: str, scheduler: str | None = None, steps: int | None = None
+) -> tuple[MNISTDiffusionPipeline, str, int]:
+    """A saved pipeline with the sampler asked for swapped in (default: its own choice, `sampler_settings`), the
+    sampler's name and the steps to take."""
+    pipe = load_pipeline(model)
+    name, steps = sampler_settings(pipe, scheduler, steps)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    return pipe, name, steps
+
+
 def digit_cycle(n: int) -> np.ndarray:
     """The labels 0, 1, ..., 9, 0, 1, ... that conditional models are asked for when scored or shown."""
     return np.arange(n) % NUM_CLASSES
