@@ -2,6 +2,7 @@
 
 import argparse
 import ast
+import json
 import os
 import re
 import sys
@@ -125,27 +126,38 @@ def read_digits(path: str) -> np.ndarray:
     return (digits.astype(np.float64) * scale).round().astype(np.uint8)
 
 
-def card_training_args(folder: str) -> dict | None:
-    """The training settings a folder's model card lists (None if it lists none), as Python values where they parse."""
+def card_values(folder: str, section: str) -> dict | None:
+    """The values a table section of a folder's model card lists ("Training settings", "Results"; None if it lists
+    none), as Python values where they parse."""
     path = os.path.join(folder, "README.md")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        rows = re.findall(r"^\| (\w+) \| `(.*)` \|$", f.read().partition("## Training settings")[2], re.MULTILINE)
-    settings = {}
-    for key, text in rows:
+        text = f.read().partition(f"## {section}\n")[2].partition("\n## ")[0]
+    values = {}
+    for key, value in re.findall(r"^\| (\w+) \| `(.*)` \|$", text, re.MULTILINE):
         try:
-            settings[key] = ast.literal_eval(text)
+            values[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            settings[key] = text  # a string, written without quotes
-    return settings or None
+            values[key] = value  # a string, written without quotes
+    return values or None
 
 
 def resave(args: argparse.Namespace) -> None:
-    """Re-save a pipeline folder with this package's code: module file, scheduler config, sample grid and card."""
+    """Re-save a pipeline folder with this package's code: module file, scheduler config, sample grid and card.
+
+    The card keeps its training settings and results; an `eval.json` in the folder (`mnist-diffusion evaluate --out
+    FOLDER/eval.json`) replaces the results' evaluation."""
     if not os.path.isfile(os.path.join(args.model, "model_index.json")):
         raise ValueError(f"--model {args.model} is not a saved pipeline folder (it has no model_index.json).")
-    training_args = card_training_args(args.model)
+    training_args = card_values(args.model, "Training settings")
+    results = card_values(args.model, "Results") or {}
+    evaluation_file = os.path.join(args.model, "eval.json")
+    if os.path.isfile(evaluation_file):
+        from .evaluate import evaluation_results
+
+        with open(evaluation_file) as f:
+            results.update(evaluation_results(json.load(f)))
     pipe = MNISTDiffusionPipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     for part in (pipe, *pipe.components.values()):  # where it was loaded from is no part of what is saved
@@ -154,7 +166,7 @@ def resave(args: argparse.Namespace) -> None:
     # Trailing spacing: every sampler swapped in with `from_config` starts from pure noise.
     pipe.scheduler.register_to_config(timestep_spacing="trailing")
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.model))) as tmp:
-        pipe.save_pretrained(tmp, training_args=training_args)
+        pipe.save_pretrained(tmp, training_args=training_args, results=results or None)
         del pipe  # its weights may be memory-mapped from the files about to be replaced
         for root, _, files in os.walk(tmp):
             for name in files:
@@ -166,8 +178,6 @@ def resave(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     """Score generated digits against the real test set and print a table (and write JSON)."""
-    import json
-
     from .evaluate import MAX_ENTROPY, MIN_SAMPLES, evaluate_digits, reference_features
 
     if args.out:
@@ -345,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = commands.add_parser(
         "resave",
         help="Re-save a pipeline folder with this version's code (module file, scheduler config, samples, card); "
-        "the weights and the card's training settings stay.",
+        "the weights and the card's training settings and results stay; the folder's eval.json, if any, becomes the "
+        "card's evaluation.",
     )
     r.add_argument("--model", required=True, help="The pipeline folder, rewritten in place.")
     r.set_defaults(run=resave)

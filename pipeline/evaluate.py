@@ -110,3 +110,12 @@ def evaluate_digits(
     if labels is not None:
         results["label_accuracy"] = float((probs.argmax(1) == labels).mean())
     return results
+
+
+def evaluation_results(evaluation: dict) -> dict:
+    """What a model card reports of one evaluation (an `eval.json` or a line of `eval.jsonl`)."""
+    results = {k: round(evaluation[k], 3) for k in ("fid", "precision", "recall") if k in evaluation}
+    results["eval_num_samples"] = evaluation["num_samples"]
+    if "scheduler" in evaluation:
+        results["eval_sampler"] = f"{evaluation['scheduler']}, {evaluation['steps']} steps"
+    return results

@@ -246,6 +246,17 @@ def use_plain_attention(model: torch.nn.Module, device: torch.device) -> None:
                 module.set_processor(AttnProcessor())
 
 
+def device_name(device: torch.device) -> str:
+    """The processor a run trained on, for its model card: the GPU's name, or the CPU's and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = "CPU"
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
 def seed_for(*keys: int) -> int:
     """A well-mixed seed derived from integers, so every step's randomness is a pure function of (seed, step)."""
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])

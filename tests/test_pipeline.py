@@ -247,7 +247,14 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
     from pipeline.cli import main
 
     tiny_pipeline.scheduler = DDPMScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="leading")
-    tiny_pipeline.save_pretrained(tmp_path, training_args={"learning_rate": 0.002, "dataset_name": "ylecun/mnist"})
+    tiny_pipeline.save_pretrained(
+        tmp_path,
+        training_args={"learning_rate": 0.002, "dataset_name": "ylecun/mnist"},
+        results={"training_minutes": 12.5, "fid": 9.0, "eval_num_samples": 1000},
+    )
+    # A later evaluation of the folder's model replaces the evaluation the card reports; the training figures stay.
+    evaluation = {"num_samples": 10000, "fid": 4.46797, "precision": 0.7171, "scheduler": "dpm++sde", "steps": 20}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
     (tmp_path / "pipeline_mnist_diffusion.py").write_text("# an older version\n")
     weights = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     main(["resave", "--model", str(tmp_path)])
@@ -257,6 +264,17 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
     assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"] == "trailing"
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     card = (tmp_path / "README.md").read_text()
+    assert all(
+        row in card
+        for row in (
+            "| training_minutes | `12.5` |",
+            "| fid | `4.468` |",
+            "| precision | `0.717` |",
+            "| eval_num_samples | `10000` |",
+            "| eval_sampler | `dpm++sde, 20 steps` |",
+        )
+    )
+    assert "| fid | `9.0` |" not in card and card.index("## Results") < card.index("## Training settings")
     assert (
         "| learning_rate | `0.002` |" in card
         and "- ylecun/mnist" in card

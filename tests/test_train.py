@@ -97,6 +97,12 @@ def test_eval_epochs_score_samples_against_the_test_split(mnist_dir, tiny_unet_c
     assert [(r["epoch"], r["step"], r["num_samples"]) for r in records] == [(1, 8, 12), (2, 16, 12), (3, 24, 12)]
     assert all(r["fid"] > 0 and 0 <= r["precision"] <= 1 and r["train_minutes"] > 0 for r in records)
     assert records[0]["train_minutes"] < records[1]["train_minutes"] < records[2]["train_minutes"]
+    # The model card reports the last evaluation and how long training took.
+    from pipeline.cli import card_values
+
+    results = card_values(str(out), "Results")
+    assert results["training_steps"] == 24 and results["training_minutes"] == round(records[2]["train_minutes"], 1)
+    assert results["fid"] == round(records[2]["fid"], 3) and results["eval_num_samples"] == 12
     # The training curves: loss from TensorBoard, FID against minutes from eval.jsonl.
     from pipeline.cli import main as cli
 
