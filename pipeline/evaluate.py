@@ -114,7 +114,7 @@ def evaluate_digits(
 
 def evaluation_results(evaluation: dict) -> dict:
     """What a model card reports of one evaluation (an `eval.json` or a line of `eval.jsonl`)."""
-    results = {k: round(evaluation[k], 3) for k in ("fid", "precision", "recall") if k in evaluation}
+    results = {k: round(evaluation[k], 3) for k in ("fid", "precision", "recall", "label_accuracy") if k in evaluation}
     results["eval_num_samples"] = evaluation["num_samples"]
     if "scheduler" in evaluation:
         results["eval_sampler"] = f"{evaluation['scheduler']}, {evaluation['steps']} steps"
