@@ -45,6 +45,12 @@ def check_unet_config(config: Any) -> None:
         )
 
 
+def card_table(heading: str, values: dict) -> str:
+    """A two-column Markdown table of a model card, one `| key | `value` |` row per item, sorted by key."""
+    rows = "".join(f"| {k} | `{v}` |\n" for k, v in sorted(values.items()))
+    return f"| {heading} | value |\n| --- | --- |\n{rows}"
+
+
 def sample_shape(config: Any) -> tuple[int, int]:
     """A UNet config's `sample_size` as (height, width)."""
     size = config.sample_size
@@ -411,7 +417,11 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         return config
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, training_args: dict | None = None, **kwargs: Any
+        self,
+        save_directory: str | os.PathLike,
+        training_args: dict | None = None,
+        results: dict | None = None,
+        **kwargs: Any,
     ) -> None:
         """Save weights (safetensors), configs, this module file, a sample grid and a model card to a folder."""
         super().save_pretrained(save_directory, **kwargs)
@@ -428,7 +438,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             generator=torch.Generator().manual_seed(0), output_type="np", **self.example_conditions(16)
         ).images
         image_grid(to_uint8(digits), nrow=8, scale=3).save(os.path.join(save_directory, "samples.png"))
-        self.model_card(training_args).save(os.path.join(save_directory, "README.md"))
+        self.model_card(training_args, results).save(os.path.join(save_directory, "README.md"))
 
     def example_conditions(self, n: int) -> dict:
         """Keyword arguments that ask for `n` digits, 0 to 9 in turn if the model takes a condition."""
@@ -439,8 +449,10 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             return {"prompt": [EXAMPLE_PROMPT.format(d) for d in digits]}
         return {"batch_size": n}
 
-    def model_card(self, training_args: dict | None = None) -> ModelCard:
-        """A Hub model card: metadata, a sample grid, how to load and sample, and the training settings."""
+    def model_card(self, training_args: dict | None = None, results: dict | None = None) -> ModelCard:
+        """A Hub model card: metadata, a sample grid, how to load and sample, results and the training settings.
+
+        `results` (what training and evaluation measured: training steps and minutes, FID, ...) becomes a table."""
         dataset = (training_args or {}).get("dataset_name")
         task = {"none": "unconditional-image-generation", "class": "image-generation", "text": "text-to-image"}
         data = ModelCardData(
@@ -453,12 +465,14 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         steps = self.default_num_inference_steps
         params = sum(p.numel() for p in self.unet.parameters())
         settings = {k: v for k, v in (training_args or {}).items() if k not in SECRET_SETTINGS}
-        settings_text = (
-            "\n## Training settings\n\n| setting | value |\n| --- | --- |\n"
-            + "".join(f"| {k} | `{v}` |\n" for k, v in sorted(settings.items()))
-            if settings
+        results_text = (
+            "\n## Results\n\nMeasured at the end of training (`train_ddpm.py`) and by `mnist-diffusion evaluate`: "
+            "FID, precision and recall of generated digits against the MNIST test split, in the features of the "
+            "package's MNIST classifier (lower FID is better).\n\n" + card_table("measure", results)
+            if results
             else ""
         )
+        settings_text = "\n## Training settings\n\n" + card_table("setting", settings) if settings else ""
         call = {
             "none": "batch_size=16",
             "class": "class_labels=[7] * 16, guidance_scale=2.0",
@@ -494,13 +508,14 @@ images = pipe({call}, generator=torch.manual_seed(0)).images  # 16 PIL images, m
 `trust_remote_code=True` runs `{MODULE_NAME}.py` from this repository, which defines the pipeline class;
 read it first. With the `mnist-diffusion` package installed, `MNISTDiffusionPipeline.from_pretrained(...)`
 loads the same weights without running code from the repository.
-{settings_text}"""
+{results_text}{settings_text}"""
         return ModelCard(content)
 
     def push_to_hub(
         self,
         repo_id: str,
         training_args: dict | None = None,
+        results: dict | None = None,
         commit_message: str | None = None,
         private: bool | None = None,
         token: str | None = None,
@@ -509,7 +524,7 @@ loads the same weights without running code from the repository.
         """Upload the folder `save_pretrained` writes (weights, module file, sample grid, model card) to the Hub."""
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmpdir:
-            self.save_pretrained(tmpdir, training_args=training_args)
+            self.save_pretrained(tmpdir, training_args=training_args, results=results)
             return self._upload_folder(
                 tmpdir, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
             )
