@@ -49,7 +49,7 @@ def create_model_and_scheduler(
         "sample_size": sample_size,
         "in_channels": 1,
         "out_channels": 1,
-        # One ResNet block per level: 30 % cheaper a step than two and better at equal steps (docs/evaluation.md).
+        # One ResNet block per level: cheaper a step than two, and better at equal steps (docs/evaluation.md).
         "layers_per_block": 1,
         # 28 -> 14 -> 7: three levels, attention only at 7x7 where it is cheap.
         "block_out_channels": (32, 64, 64),
