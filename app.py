@@ -59,6 +59,11 @@ def model_name(model: str) -> str:
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
 
 
+def takes_guidance(pipe: MNISTDiffusionPipeline) -> bool:
+    """Whether a guidance scale changes what the model draws: conditional models (classifier-free), or autoguided ones."""
+    return pipe.conditioning != "none" or pipe.guide_unet is not None
+
+
 def check_request(
     pipe: MNISTDiffusionPipeline, name: str, digit: str, prompt: str, num_images, steps, guidance_scale, seed
 ) -> None:
@@ -101,7 +106,8 @@ def build_demo(models: list[str]) -> gr.Blocks:
         num_images, steps, seed = int(num_images), int(steps), int(seed)
         # A pipeline of its own per request: the loaded one's scheduler is never swapped under another request.
         pipe = MNISTDiffusionPipeline(
-            **{**pipe.components, "scheduler": make_scheduler(scheduler, pipe.scheduler.config)}
+            **{**pipe.components, "scheduler": make_scheduler(scheduler, pipe.scheduler.config)},
+            guidance_interval=pipe.config.get("guidance_interval"),
         )
         shown = sorted(
             {round(i * (steps - 1) / max(PROCESS_FRAMES - 1, 1)) for i in range(min(steps, PROCESS_FRAMES))}
@@ -136,7 +142,7 @@ def build_demo(models: list[str]) -> gr.Blocks:
         return (
             gr.update(visible=conditioning == "class", value=ANY),
             gr.update(visible=conditioning == "text", value=""),
-            gr.update(visible=conditioning != "none"),
+            gr.update(visible=takes_guidance(pipelines[name])),
             gr.update(value=sampler),
             gr.update(value=steps),
         )
@@ -164,7 +170,10 @@ def build_demo(models: list[str]) -> gr.Blocks:
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=first_sampler, label="Sampler", elem_id="sampler")
                 steps = gr.Number(first_steps, label="Steps (1 to 50)", precision=0, elem_id="steps")
                 guidance = gr.Number(
-                    2.0, label="Guidance scale (1 = none)", elem_id="guidance", visible=first != "none"
+                    2.0,
+                    label="Guidance scale (1 = none)",
+                    elem_id="guidance",
+                    visible=takes_guidance(pipelines[names[0]]),
                 )
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")

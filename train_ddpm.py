@@ -169,6 +169,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Pair each image with a near noise draw within its batch (Immiscible Diffusion).",
     )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
+    train.add_argument(
+        "--autoguidance_fraction",
+        type=float,
+        default=None,
+        help="Save the (EMA) weights after this fraction of the training steps with the pipeline, as its guide_unet: "
+        "sampling guides away from this weaker model (autoguidance, Karras et al. 2024). 0: none. Default: 0.2 for "
+        "unconditional models, 0 for conditional ones (they have classifier-free guidance).",
+    )
+    train.add_argument(
+        "--guidance_interval",
+        type=int,
+        nargs=2,
+        default=[0, 45],
+        metavar=("LOWEST", "HIGHEST"),
+        help="The timesteps at which the guide is applied; it does little at the noisiest ones (docs/evaluation.md).",
+    )
     train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
     train.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
     train.add_argument("--ema_max_decay", type=float, default=0.9999, help="Largest EMA decay.")
@@ -247,6 +263,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}.")
     if args.learning_rate is None:
         args.learning_rate = 1e-4 if args.distill_from else 1e-3
+    if args.autoguidance_fraction is None:
+        args.autoguidance_fraction = 0.2 if args.conditioning == "none" and not args.distill_from else 0.0
+    if not 0 <= args.autoguidance_fraction < 1:
+        parser.error(f"--autoguidance_fraction must be in [0, 1) (0: no guide), got {args.autoguidance_fraction}.")
+    if args.distill_from and args.autoguidance_fraction:
+        parser.error("--autoguidance_fraction: a distilled student samples without a guide; drop it.")
+    if not 0 <= args.guidance_interval[0] <= args.guidance_interval[1]:
+        parser.error(f"--guidance_interval must be two timesteps, lowest first, got {args.guidance_interval}.")
     if args.learning_rate <= 0:
         parser.error(f"--learning_rate must be positive, got {args.learning_rate}.")
     return args
@@ -437,7 +461,8 @@ def save_outputs(
             # models are asked for 0..9 in turn and scored on whether they drew what was asked.
             sampler, steps = default_sampler(pipeline)
             scorer = MNISTDiffusionPipeline(
-                **{**pipeline.components, "scheduler": make_scheduler(sampler, pipeline.scheduler.config)}
+                **{**pipeline.components, "scheduler": make_scheduler(sampler, pipeline.scheduler.config)},
+                guidance_interval=pipeline.config.guidance_interval,
             )
             wanted = digit_cycle(args.eval_num_samples) if pipeline.conditioning != "none" else None
             with accelerator.autocast():
@@ -517,6 +542,9 @@ def main(args: argparse.Namespace) -> None:
         )
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # The guide is the model at an earlier step (0: none; a one-step run has no earlier model).
+    guide_step = max(1, round(args.autoguidance_fraction * max_train_steps)) if args.autoguidance_fraction else 0
+    guide_step = guide_step if guide_step < max_train_steps else 0
     if accelerator.is_main_process:  # from here on this run writes to --output_dir, and no other run may
         _lock, repo_id = claim_output_dir(args, resume_path)
 
@@ -546,8 +574,10 @@ def main(args: argparse.Namespace) -> None:
         )
 
     # Checkpoints hold what `save_state` saves (weights, optimizer, LR schedule, RNG) plus the EMA weights
-    # (safetensors, the diffusers way), and the model config, settings and training minutes that resuming reads.
+    # (safetensors, the diffusers way), the autoguidance guide once taken, and the model config, settings and training
+    # minutes that resuming reads.
     clock = TrainingClock()
+    guide = None  # the EMA weights at step guide_step, frozen
 
     def save_model_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
@@ -555,6 +585,8 @@ def main(args: argparse.Namespace) -> None:
                 ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
             if target is not None:
                 target.save_pretrained(os.path.join(output_dir, "unet_target"))
+            if guide is not None:
+                guide.save_pretrained(os.path.join(output_dir, "unet_guide"))
             with open(os.path.join(output_dir, CHECKPOINT_CONFIG), "w") as f:
                 json.dump(model_config, f, indent=2, default=list)
             record = {"train_minutes": clock.minutes(), "num_processes": accelerator.num_processes}
@@ -573,6 +605,15 @@ def main(args: argparse.Namespace) -> None:
             if not os.path.isdir(os.path.join(input_dir, "unet_target")):
                 raise ValueError(f"{input_dir}/unet_target, the distillation's target network, is missing")
             target.load_state_dict(type(target).from_pretrained(os.path.join(input_dir, "unet_target")).state_dict())
+        if guide_step and checkpoint_step(input_dir) >= guide_step:
+            if not os.path.isdir(os.path.join(input_dir, "unet_guide")):
+                raise ValueError(
+                    f"{input_dir}/unet_guide, the autoguidance guide of step {guide_step}, is missing (the run had "
+                    "another --autoguidance_fraction)"
+                )
+            nonlocal guide
+            guide = type(accelerator.unwrap_model(models[0])).from_pretrained(os.path.join(input_dir, "unet_guide"))
+            use_plain_attention(guide.requires_grad_(False).eval().to(device), device)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
@@ -603,7 +644,13 @@ def main(args: argparse.Namespace) -> None:
     # The loop. Everything random in a step is a function of (seed, step, micro-batch): resuming is exact.
     unwrapped = accelerator.unwrap_model(model)
     pipeline = MNISTDiffusionPipeline(
-        unwrapped, noise_scheduler, text_encoder, tokenizer, args.num_inference_steps if teacher is not None else None
+        unwrapped,
+        noise_scheduler,
+        text_encoder,
+        tokenizer,
+        guide,
+        default_num_inference_steps=args.num_inference_steps if teacher is not None else None,
+        guidance_interval=args.guidance_interval if guide_step else None,
     )
     pipeline.set_progress_bar_config(disable=True)
     progress_bar = tqdm(
@@ -676,6 +723,10 @@ def main(args: argparse.Namespace) -> None:
             )
         if ema_model is not None:
             logs["ema_decay"] = ema_model.cur_decay_value
+        if global_step == guide_step:
+            with ema_weights(unwrapped, ema_model):
+                guide = copy.deepcopy(unwrapped).requires_grad_(False).eval()
+            pipeline.register_modules(guide_unet=guide)
         progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
         accelerator.log(logs, step=global_step)
 

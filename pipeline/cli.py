@@ -202,7 +202,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.model:
         results.update(scheduler=args.scheduler, steps=steps, sampling_precision=args.precision)
     results.update(model=args.model, samples=args.samples)
-    if labels is not None:
+    if args.model and (labels is not None or pipe.guide_unet is not None):
         results["guidance_scale"] = args.guidance_scale
     print(f"{'metric':<16}{'value':>10}")
     for key in ("num_samples", "fid", "kid", "precision", "recall", "confidence", "class_entropy", "label_accuracy"):
@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=positive_int, default=3, help="Nearest-neighbour upscaling of the grid.")
     s.add_argument("--images_dir", default=None, help="Also write each digit as a 28x28 PNG here.")
     s.add_argument("--npz", default=None, help="Also write all digits as uint8 arrays (key 'images') here.")
-    s.add_argument("--guidance_scale", type=float, default=2.0, help="Classifier-free guidance; 1 = none.")
+    s.add_argument(
+        "--guidance_scale", type=float, default=2.0, help="Classifier-free guidance, or autoguidance; 1 = none."
+    )
     s.set_defaults(run=sample)
 
     e = commands.add_parser("evaluate", help="FID, KID, precision/recall and class statistics of generated digits.")
@@ -316,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset_name", default="ylecun/mnist", help="The real digits to compare with.")
     e.add_argument("--split", default="test")
     e.add_argument("--out", default=None, help="Write the results as JSON here.")
-    e.add_argument("--guidance_scale", type=float, default=2.0, help="For conditional models; 1 = no guidance.")
+    e.add_argument(
+        "--guidance_scale", type=float, default=2.0, help="Classifier-free guidance, or autoguidance; 1 = none."
+    )
     e.set_defaults(run=evaluate)
 
     v = commands.add_parser("visualize", help="Draw the forward or backward process, the schedule, an animation.")

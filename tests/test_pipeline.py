@@ -112,6 +112,51 @@ def test_other_schedulers_swap_in(tiny_pipeline):
         tiny_pipeline(num_inference_steps=20)
 
 
+def test_autoguidance_steps_away_from_the_guide_within_its_interval(tiny_pipeline, tmp_path):
+    def digits(pipe, **kwargs):
+        return pipe(batch_size=2, num_inference_steps=5, generator=torch.manual_seed(0), output_type="np", **kwargs)
+
+    unguided = digits(tiny_pipeline).images
+    unet, scheduler = tiny_pipeline.unet, tiny_pipeline.scheduler
+    torch.manual_seed(1)
+    weaker = UNet2DModel(**TINY_UNET)
+    calls = []
+    weaker.register_forward_hook(lambda module, args, output: calls.append(int(args[1])))
+    guided = MNISTDiffusionPipeline(unet, scheduler, guide_unet=weaker)
+    guided.set_progress_bar_config(disable=True)
+    assert not np.allclose(digits(guided).images, unguided)
+    assert len(calls) == 5
+    # guidance_scale 1 is the model alone, without calling the guide.
+    np.testing.assert_array_equal(digits(guided, guidance_scale=1.0).images, unguided)
+    assert len(calls) == 5
+    # guide + w (model - guide): a guide identical to the model changes nothing.
+    same = MNISTDiffusionPipeline(unet, scheduler, guide_unet=unet)
+    same.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(digits(same, guidance_scale=3.0).images, unguided, atol=1e-5)
+    # Only the timesteps inside the interval are guided, and the interval is saved and loaded with the guide.
+    interval = MNISTDiffusionPipeline(unet, scheduler, guide_unet=weaker, guidance_interval=[0, 30])
+    interval.set_progress_bar_config(disable=True)
+    calls.clear()
+    outside = digits(interval).images
+    assert calls and max(calls) <= 30 and len(calls) < 5
+    interval.save_pretrained(tmp_path)
+    loaded = MNISTDiffusionPipeline.from_pretrained(tmp_path)
+    assert loaded.config.guidance_interval == [0, 30] and isinstance(loaded.guide_unet, UNet2DModel)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(digits(loaded).images, outside, atol=1e-5)
+
+
+def test_a_guide_of_another_kind_is_a_clear_error(tiny_pipeline):
+    torch.manual_seed(0)
+    other = UNet2DModel(**dict(TINY_UNET, num_class_embeds=11))
+    pipe = MNISTDiffusionPipeline(tiny_pipeline.unet, tiny_pipeline.scheduler, guide_unet=other)
+    with pytest.raises(ValueError, match="`guide_unet` must be a UNet2DModel with the same num_class_embeds"):
+        pipe(batch_size=1)
+    pipe = MNISTDiffusionPipeline(tiny_pipeline.unet, tiny_pipeline.scheduler, guidance_interval=[30, 10])
+    with pytest.raises(ValueError, match="`guidance_interval` must be two timesteps"):
+        pipe(batch_size=1)
+
+
 def test_image_grid_is_nearest_neighbour():
     digits = np.zeros((3, 28, 28), dtype=np.uint8)
     digits[1, 0, 0] = 255

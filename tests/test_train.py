@@ -64,12 +64,33 @@ def test_resume_mid_epoch_gives_the_same_weights(mnist_dir, tiny_unet_config, tm
         (resumed / "model_index.json").unlink()
 
     final = ["checkpoint-12/model.safetensors", "checkpoint-12/unet_ema/diffusion_pytorch_model.safetensors"]
-    final.append("unet/diffusion_pytorch_model.safetensors")
+    final += ["unet/diffusion_pytorch_model.safetensors", "guide_unet/diffusion_pytorch_model.safetensors"]
     for resume_from in ("latest", str(resumed / "checkpoint-6")):
         roll_back_to_step_6()
         train(*base_args(mnist_dir, tiny_unet_config, resumed, *flags, "--resume_from_checkpoint", resume_from))
         for name in final:
             assert_same_weights(straight / name, resumed / name)
+
+
+def test_the_guide_is_the_ema_model_early_in_training(mnist_dir, tiny_unet_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--autoguidance_fraction", "0.5", "--guidance_interval", "0", "40"))  # fmt: skip
+    ema_at_2 = out / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    for guide in ("checkpoint-2/unet_guide", "checkpoint-4/unet_guide", "guide_unet"):
+        assert_same_weights(out / guide / "diffusion_pytorch_model.safetensors", ema_at_2)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["guide_unet"] == ["diffusers", "UNet2DModel"] and index["guidance_interval"] == [0, 40]
+    # A checkpoint of a run whose guide was taken later or never cannot continue a run that needs one.
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "checkpoint-2" / "unet_guide")
+    message = cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4",
+                                           "--checkpointing_steps", "2", "--autoguidance_fraction", "0.5",
+                                           "--guidance_interval", "0", "40", "--resume_from_checkpoint", "latest"))  # fmt: skip
+    assert "unet_guide, the autoguidance guide of step" in message
+    plain = tmp_path / "plain"
+    train(*base_args(mnist_dir, tiny_unet_config, plain, "--max_train_steps", "2", "--autoguidance_fraction", "0"))
+    assert json.loads((plain / "model_index.json").read_text())["guide_unet"] == [None, None]
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
@@ -203,7 +224,7 @@ def test_a_checkpoint_written_before_the_layout_change_resumes_to_the_same_weigh
         *("--dataset_name", str(real_mnist_dir), "--model_config_name_or_path", str(tmp_path / "unet")),
         *("--output_dir", str(out), "--train_batch_size", "16", "--eval_batch_size", "4", "--lr_warmup_steps", "2"),
         *("--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"),
-        *("--resume_from_checkpoint", "latest", "--weighting_scheme", "none"),
+        *("--resume_from_checkpoint", "latest", "--weighting_scheme", "none", "--autoguidance_fraction", "0"),
     )
     assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors", old / "final_unet.safetensors")
 
