@@ -1,42 +1,78 @@
 #!/usr/bin/env python
-"""Classifier-free guidance: FID and label accuracy against the guidance scale, for a class-conditional pipeline.
-Digit i is asked to be i % 10; the default sampler of `mnist-diffusion sample` draws it.
+"""Guidance: FID (and label accuracy) against the guidance scale, the guide and the guided timesteps, with the
+sampling time. Classifier-free guidance for a conditional pipeline (digit i is asked to be i % 10), autoguidance for
+one with a `guide_unet`; the default sampler of `mnist-diffusion sample` draws the digits, seeds 0..N-1.
 
     python benchmarks/guidance.py --model pretrained/ddpm-mnist-cond --dataset_name ylecun/mnist --num_samples 1000
+    python benchmarks/guidance.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 2000 \\
+        --guidance_scales 1 1.5 2 2.5 --guidance_intervals 0:49 0:45 0:38 \\
+        --guides epoch1=pretrained/ddpm-mnist/guide_unet epoch2=pretrained/ddpm-mnist/checkpoint-1874/unet_ema \\
+        --out benchmarks/results/autoguidance.json
 """
 
 import argparse
 import json
+import time
+
+import torch
+from diffusers import UNet2DModel
+from machine import describe
 
 from pipeline.evaluate import evaluate_digits, reference_features
 from pipeline.sampling import DEFAULT_SAMPLER, digit_cycle, generate, load_pipeline, sampling_precision
 
 
 def main() -> None:
-    """Evaluate each guidance scale, print a table, write JSON."""
+    """Evaluate each guide, interval and scale; print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pretrained/ddpm-mnist-cond")
     parser.add_argument("--dataset_name", default="ylecun/mnist", help="Real digits (test split) to compare with.")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
+    parser.add_argument(
+        "--guides", nargs="+", default=None, help="NAME=FOLDER of UNets to try as the guide; default: the model's."
+    )
+    parser.add_argument(
+        "--guidance_intervals", nargs="+", default=None, help="LOWEST:HIGHEST timesteps; default: the model's."
+    )
     parser.add_argument("--out", default="benchmarks/results/guidance.json")
     args = parser.parse_args()
 
+    machine = describe(torch.device("cpu"))
+    print(f"{machine['cpu']} ({', '.join(machine['cpu_flags'])}), {machine['threads']} threads")
     real = reference_features(args.dataset_name, "test")
     pipe = load_pipeline(args.model, DEFAULT_SAMPLER[0])
-    labels = digit_cycle(args.num_samples)
+    labels = digit_cycle(args.num_samples) if pipe.conditioning != "none" else None
+    guides = {"own": pipe.guide_unet}
+    if args.guides:
+        guides = {n: UNet2DModel.from_pretrained(p).eval() for n, p in (g.split("=", 1) for g in args.guides)}
+    intervals = [pipe.config.get("guidance_interval")]
+    if args.guidance_intervals:
+        intervals = [[int(t) for t in i.split(":")] for i in args.guidance_intervals]
     rows = []
-    for scale in args.guidance_scales:
-        with sampling_precision(pipe.device):
-            digits = generate(pipe, args.num_samples, 0, 125, DEFAULT_SAMPLER[1], labels, guidance_scale=scale)
-        rows.append({"guidance_scale": scale, **evaluate_digits(digits, real, labels)})
-        print(f"w={scale}: FID {rows[-1]['fid']:.2f}, label accuracy {rows[-1]['label_accuracy']:.4f}", flush=True)
-    print("\n| guidance scale | FID | precision | recall | label accuracy |\n| --- | --- | --- | --- | --- |")
+    for name, guide in guides.items():
+        for interval in intervals:
+            for scale in args.guidance_scales:
+                if scale == 1 and rows and rows[0]["guidance_scale"] == 1:
+                    continue  # no guidance: the same digits whatever the guide
+                pipe.register_modules(guide_unet=guide)
+                pipe.register_to_config(guidance_interval=interval)
+                start = time.perf_counter()
+                with sampling_precision(pipe.device):
+                    digits = generate(pipe, args.num_samples, 0, 125, DEFAULT_SAMPLER[1], labels, guidance_scale=scale)
+                seconds = time.perf_counter() - start
+                row = {"guide": name, "guidance_interval": interval, "guidance_scale": scale, "seconds": seconds}
+                rows.append({**row, **evaluate_digits(digits, real, labels)})
+                print(json.dumps({k: rows[-1].get(k) for k in (*row, "fid", "label_accuracy")}), flush=True)
+    print("\n| guide | guided timesteps | scale | FID | precision | recall | label accuracy | sampling seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['guidance_scale']:g} | {r['fid']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-              f"{r['label_accuracy']:.2%} |")  # fmt: skip
+        accuracy = f"{r['label_accuracy']:.2%}" if "label_accuracy" in r else ""
+        interval = "{}-{}".format(*r["guidance_interval"]) if r["guidance_interval"] else "all"
+        print(f"| {r['guide']} | {interval} | {r['guidance_scale']:g} | {r['fid']:.2f} | {r['precision']:.3f} | "
+              f"{r['recall']:.3f} | {accuracy} | {r['seconds']:.0f} |")  # fmt: skip
     with open(args.out, "w") as f:
-        json.dump({"model": args.model, "sampler": DEFAULT_SAMPLER, "rows": rows}, f, indent=2)
+        json.dump({"model": args.model, "sampler": DEFAULT_SAMPLER, "machine": machine, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

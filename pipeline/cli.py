@@ -165,6 +165,8 @@ def resave(args: argparse.Namespace) -> None:
             part._internal_dict = FrozenDict({k: v for k, v in part.config.items() if k != "_name_or_path"})
     # Trailing spacing: every sampler swapped in with `from_config` starts from pure noise.
     pipe.scheduler.register_to_config(timestep_spacing="trailing")
+    if args.guidance_interval is not None:
+        pipe.register_to_config(guidance_interval=list(args.guidance_interval))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.model))) as tmp:
         pipe.save_pretrained(tmp, training_args=training_args, results=results or None)
         del pipe  # its weights may be memory-mapped from the files about to be replaced
@@ -363,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
         "card's evaluation.",
     )
     r.add_argument("--model", required=True, help="The pipeline folder, rewritten in place.")
+    r.add_argument(
+        "--guidance_interval",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LOWEST", "HIGHEST"),
+        help="Also set the timesteps at which its guidance is applied (a sampling setting; the weights stay).",
+    )
     r.set_defaults(run=resave)
     return parser
 

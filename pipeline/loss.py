@@ -112,13 +112,18 @@ class ConsistencyDistillationLoss:
     `c_skip(t) x_t + c_out(t) x_0(x_t, t)`, is pulled towards the target network's at the previous grid point, reached
     from x_t by one DDIM step of the teacher. `scheduler` supplies the noise schedule, the prediction type and the
     boundary scalings, so training and sampling share them. `huber_c` (None: squared error) sets the pseudo-Huber
-    loss of improved consistency training (Song & Dhariwal 2023)."""
+    loss of improved consistency training (Song & Dhariwal 2023). With a `guide` (the teacher pipeline's
+    `guide_unet`), the teacher's step follows its autoguided prediction `guide + w (teacher - guide)` at the timesteps
+    of `guidance_interval`, as LCM distils classifier-free guidance into its student."""
 
     scheduler: LCMScheduler
     teacher: torch.nn.Module
     target: torch.nn.Module
     num_ddim_timesteps: int = 50
     huber_c: float | None = None
+    guide: torch.nn.Module | None = None
+    guidance_scale: float = 1.0
+    guidance_interval: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         num_train_timesteps = self.scheduler.config.num_train_timesteps
@@ -169,9 +174,15 @@ class ConsistencyDistillationLoss:
             model(noisy_images, start, **condition).sample.float(), noisy_images, start
         )
         with torch.no_grad():
-            _, x_0, teacher_noise = self.consistency(
-                self.teacher(noisy_images, start, **condition).sample.float(), noisy_images, start
-            )
+            teacher_output = self.teacher(noisy_images, start, **condition).sample.float()
+            if self.guide is not None and self.guidance_scale != 1:
+                weak = self.guide(noisy_images, start, **condition).sample.float()
+                lowest, highest = self.guidance_interval or (0, self.scheduler.config.num_train_timesteps)
+                guided = ((start >= lowest) & (start <= highest)).view(-1, 1, 1, 1)
+                teacher_output = torch.where(
+                    guided, weak + self.guidance_scale * (teacher_output - weak), teacher_output
+                )
+            _, x_0, teacher_noise = self.consistency(teacher_output, noisy_images, start)
             # One DDIM step of the teacher, from the start point to the previous point on the grid.
             alphas_cumprod = self.scheduler.alphas_cumprod.to(device)[previous].view(-1, 1, 1, 1)
             previous_images = alphas_cumprod.sqrt() * x_0 + (1 - alphas_cumprod).sqrt() * teacher_noise

@@ -106,8 +106,8 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         default_num_inference_steps (`int`, *optional*): the steps to sample in when not told; set for few-step
             (distilled) models, whose scheduler is an [`LCMScheduler`]. Defaults to the training steps.
         guidance_interval (`list[int]`, *optional*): the timesteps (lowest, highest) at which guidance is
-            applied; it does little at the noisiest steps, where skipping it saves the second UNet call. Defaults
-            to every step.
+            applied: autoguidance does nothing at the noisiest steps and over-sharpens at the cleanest, and each
+            step outside saves the second UNet call. Defaults to every step.
 
     Example:
 
@@ -514,6 +514,12 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             "class": " of the digit you ask for (`class_labels`, classifier-free guidance)",
             "text": f" that a prompt describes (a frozen `{type(self.text_encoder).__name__}`, classifier-free guidance)",
         }[self.conditioning]
+        guide = (
+            "\nSampling steps away from `guide_unet`, a weaker copy of the model from earlier in its training "
+            "(autoguidance: `guidance_scale=2.0` by default, 1 turns it off)."
+            if self.guide_unet is not None
+            else ""
+        )
         content = f"""---
 {data.to_yaml()}
 ---
@@ -522,7 +528,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
 
 A denoising diffusion model (DDPM) that draws 28x28 grayscale handwritten digits{condition} in {steps} steps:
 a {params / 1e6:.2f} M-parameter `{type(self.unet).__name__}` and a `{type(self.scheduler).__name__}`
-(`{self.scheduler.config.beta_schedule}` betas, `{self.scheduler.config.prediction_type}` prediction).
+(`{self.scheduler.config.beta_schedule}` betas, `{self.scheduler.config.prediction_type}` prediction).{guide}
 
 ![samples](samples.png)
 

@@ -117,3 +117,22 @@ def test_only_the_student_learns_and_the_loss_is_a_function_of_the_seed(tiny_pip
     value.backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in [*teacher.parameters(), *target.parameters()])
+
+
+def test_an_autoguided_teacher_is_distilled_with_its_guide_inside_its_interval(tiny_pipeline):
+    scheduler = LCMScheduler.from_config(tiny_pipeline.scheduler.config)
+    student = tiny_pipeline.unet
+    teacher, target = (copy.deepcopy(student).requires_grad_(False) for _ in range(2))
+    torch.manual_seed(1)
+    guide = type(student)(**student.config).requires_grad_(False)
+    images = torch.rand(8, 1, 28, 28) * 2 - 1
+
+    def value(**guidance) -> torch.Tensor:
+        loss = ConsistencyDistillationLoss(scheduler, teacher, target, **guidance)
+        return loss(student, images, torch.Generator().manual_seed(0)).detach()
+
+    plain = value()
+    assert value(guide=guide, guidance_scale=1.0) == plain  # scale 1: the teacher alone
+    assert value(guide=teacher, guidance_scale=2.0) == plain  # a guide equal to the teacher changes nothing
+    assert value(guide=guide, guidance_scale=2.0) != plain
+    assert value(guide=guide, guidance_scale=2.0, guidance_interval=(50, 60)) == plain  # no timestep inside

@@ -302,7 +302,8 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
     (tmp_path / "eval.json").write_text(json.dumps(evaluation))
     (tmp_path / "pipeline_mnist_diffusion.py").write_text("# an older version\n")
     weights = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    main(["resave", "--model", str(tmp_path)])
+    main(["resave", "--model", str(tmp_path), "--guidance_interval", "9", "45"])
+    assert json.loads((tmp_path / "model_index.json").read_text())["guidance_interval"] == [9, 45]
     assert (tmp_path / "pipeline_mnist_diffusion.py").read_text() == (
         ROOT / "pipeline" / "pipeline_mnist_diffusion.py"
     ).read_text()
