@@ -85,7 +85,9 @@ class MNISTDiffusionPipeline(DDPMPipeline):
     r"""
     Pipeline that generates 28x28 grayscale digits with a DDPM trained on MNIST: unconditionally, by class label
     (a `UNet2DModel` with `num_class_embeds=11`: ten digits and a "no label" token) or by prompt (a
-    `UNet2DConditionModel` and a frozen CLIP text encoder), with classifier-free guidance.
+    `UNet2DConditionModel` and a frozen CLIP text encoder), with classifier-free guidance; or guided by a weaker
+    version of itself (autoguidance, Karras et al. 2024, https://huggingface.co/papers/2406.02507): an unconditional
+    model with a `guide_unet` draws cleaner digits than it does alone.
 
     Unlike the stock [`DDPMPipeline`], the number of steps defaults to the scheduler's training steps (50), and every
     sampler starts from pure noise: any scheduler swapped in with `from_config` (DDPM, DDIM, DPM-Solver++, Euler,
@@ -99,8 +101,13 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         scheduler ([`SchedulerMixin`]): the noise scheduler the UNet was trained with, or a compatible sampler.
         text_encoder ([`CLIPTextModel`], *optional*): a frozen text encoder, for models that take a prompt.
         tokenizer ([`CLIPTokenizer`], *optional*): its tokenizer.
+        guide_unet ([`UNet2DModel`] or [`UNet2DConditionModel`], *optional*): a weaker denoiser of the same kind (for
+            example the same model earlier in its training) to guide away from: autoguidance.
         default_num_inference_steps (`int`, *optional*): the steps to sample in when not told; set for few-step
             (distilled) models, whose scheduler is an [`LCMScheduler`]. Defaults to the training steps.
+        guidance_interval (`list[int]`, *optional*): the timesteps (lowest, highest) at which guidance is
+            applied: autoguidance does nothing at the noisiest steps and over-sharpens at the cleanest, and each
+            step outside saves the second UNet call. Defaults to every step.
 
     Example:
 
@@ -113,10 +120,12 @@ class MNISTDiffusionPipeline(DDPMPipeline):
 
     >>> pipe = DiffusionPipeline.from_pretrained("pretrained/ddpm-mnist-cond", trust_remote_code=True)
     >>> sevens = pipe(class_labels=[7] * 8, guidance_scale=2.0).images
+
+    >>> unguided = pipe(batch_size=16, guidance_scale=1.0).images  # without the guide: one UNet call a step
     ```
     """
 
-    _optional_components = ["text_encoder", "tokenizer"]
+    _optional_components = ["text_encoder", "tokenizer", "guide_unet"]
     _callback_tensor_inputs = ["latents", "image", "model_output"]  # "image": the same tensor as "latents"
 
     def __init__(
@@ -125,11 +134,16 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         scheduler: DDPMScheduler,
         text_encoder: CLIPTextModel | None = None,
         tokenizer: CLIPTokenizer | None = None,
+        guide_unet: UNet2DModel | UNet2DConditionModel | None = None,
         default_num_inference_steps: int | None = None,
+        guidance_interval: list[int] | None = None,
     ):
         super().__init__(unet=unet, scheduler=scheduler)
-        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
-        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
+        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, guide_unet=guide_unet)
+        self.register_to_config(
+            default_num_inference_steps=default_num_inference_steps,
+            guidance_interval=list(guidance_interval) if guidance_interval is not None else None,
+        )
 
     @property
     def default_num_inference_steps(self) -> int:
@@ -233,6 +247,17 @@ class MNISTDiffusionPipeline(DDPMPipeline):
     ) -> None:
         """Reject bad arguments before any work is done."""
         check_unet_config(self.unet.config)
+        if self.guide_unet is not None:
+            keys = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "cross_attention_dim")
+            differ = [k for k in keys if self.unet.config.get(k) != self.guide_unet.config.get(k)]
+            if type(self.guide_unet) is not type(self.unet) or differ:
+                raise ValueError(
+                    f"`guide_unet` must be a {type(self.unet).__name__} with the same {', '.join(differ or keys)} as "
+                    f"`unet`: it predicts the same quantity, only worse. Pass `guide_unet=None` to sample without it."
+                )
+        interval = self.config.get("guidance_interval")
+        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
+            raise ValueError(f"`guidance_interval` must be two timesteps (lowest, highest), got {interval}.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         for name, values in (("class_labels", class_labels), ("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -309,8 +334,9 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             class_labels (`int` or `list[int]`, *optional*): the digit(s) to draw, for a class-conditional model.
             prompt (`str` or `list[str]`, *optional*): what to draw, for a text-conditional model.
             negative_prompt (`str` or `list[str]`, *optional*): what to steer away from; defaults to the empty prompt.
-            guidance_scale (`float`, defaults to 2.0): classifier-free guidance weight `w` in
-                `uncond + w * (cond - uncond)`; 1 means no guidance. Ignored without labels or a prompt.
+            guidance_scale (`float`, defaults to 2.0): guidance weight `w` in `weak + w * (unet - weak)`, where the
+                weak prediction is `guide_unet`'s if the pipeline has one (autoguidance), else the UNet's without the
+                labels or prompt (classifier-free guidance); 1 means no guidance. Ignored with neither.
             latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`; drawn from
                 `generator` if not given.
             output_type (`str`, defaults to `"pil"`): `"pil"` (mode "L" images), `"np"` (N, 28, 28, 1) floats in
@@ -362,9 +388,11 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         else:
             latents = latents.to(device=device, dtype=torch.float32)
         condition, no_condition = self.prepare_conditions(batch_size, class_labels, prompt, negative_prompt, device)
-        guide = no_condition is not None and guidance_scale != 1
-        if guide:  # one UNet call on [conditioned; unconditioned]
-            condition = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
+        autoguide = self.guide_unet is not None and guidance_scale != 1
+        cfg = not autoguide and no_condition is not None and guidance_scale != 1
+        lowest, highest = self.config.get("guidance_interval") or (0, self.scheduler.config.num_train_timesteps)
+        if cfg:  # one UNet call on [conditioned; unconditioned]
+            both = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
         timesteps = self.set_sampling_timesteps(num_inference_steps, timesteps, device)
         latents = latents * self.scheduler.init_noise_sigma
         # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.
@@ -379,12 +407,15 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             # The UNet runs in its own dtype (e.g. after `pipe.to(torch.bfloat16)`); the sampler's state stays float32,
             # so 50 small updates do not lose precision and a seed gives the same noise in any dtype.
             model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
-            if guide:
-                model_output = self.unet(torch.cat([model_input] * 2), t, **condition).sample.float()
-                conditioned, unconditioned = model_output.chunk(2)
-                model_output = unconditioned + guidance_scale * (conditioned - unconditioned)
+            guided = lowest <= t <= highest
+            if cfg and guided:
+                conditioned, weak = self.unet(torch.cat([model_input] * 2), t, **both).sample.float().chunk(2)
             else:
-                model_output = self.unet(model_input, t, **condition).sample.float()
+                conditioned = self.unet(model_input, t, **condition).sample.float()
+                weak = None
+                if autoguide and guided:
+                    weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **condition).sample.float()
+            model_output = conditioned if weak is None else weak + guidance_scale * (conditioned - weak)
             latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
             if callback_on_step_end is not None:
                 local = {"latents": latents, "image": latents, "model_output": model_output}
@@ -483,6 +514,12 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             "class": " of the digit you ask for (`class_labels`, classifier-free guidance)",
             "text": f" that a prompt describes (a frozen `{type(self.text_encoder).__name__}`, classifier-free guidance)",
         }[self.conditioning]
+        guide = (
+            "\nSampling steps away from `guide_unet`, a weaker copy of the model from earlier in its training "
+            "(autoguidance: `guidance_scale=2.0` by default, 1 turns it off)."
+            if self.guide_unet is not None
+            else ""
+        )
         content = f"""---
 {data.to_yaml()}
 ---
@@ -491,7 +528,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
 
 A denoising diffusion model (DDPM) that draws 28x28 grayscale handwritten digits{condition} in {steps} steps:
 a {params / 1e6:.2f} M-parameter `{type(self.unet).__name__}` and a `{type(self.scheduler).__name__}`
-(`{self.scheduler.config.beta_schedule}` betas, `{self.scheduler.config.prediction_type}` prediction).
+(`{self.scheduler.config.beta_schedule}` betas, `{self.scheduler.config.prediction_type}` prediction).{guide}
 
 ![samples](samples.png)
 
