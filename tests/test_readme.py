@@ -32,7 +32,9 @@ def test_readme_python_examples_run(tmp_path, tiny_clip, monkeypatch):
         pipe.set_progress_bar_config(disable=True)
         pipe.save_pretrained(tmp_path / folder)
     # A distilled pipeline: its own few-step scheduler and step count.
-    fast = MNISTDiffusionPipeline(UNet2DModel(**TINY_UNET), LCMScheduler.from_config(scheduler.config), None, None, 2)
+    fast = MNISTDiffusionPipeline(
+        UNet2DModel(**TINY_UNET), LCMScheduler.from_config(scheduler.config), default_num_inference_steps=2
+    )
     fast.set_progress_bar_config(disable=True)
     fast.save_pretrained(tmp_path / "pretrained/ddpm-mnist-fast")
     monkeypatch.chdir(tmp_path)
