@@ -64,21 +64,6 @@ def trailing_timesteps(num_train_timesteps: int, num_inference_steps: int) -> li
     return steps.tolist()
 
 
-def log_snr_timesteps(alphas_cumprod: torch.Tensor, num_inference_steps: int) -> list[int]:
-    """`num_inference_steps` distinct integer timesteps: the last training step (pure noise), then the rest spaced
-    uniformly in log-SNR from the step below it down to 0, each rounded to the nearest timestep."""
-    log_sigmas = 0.5 * torch.log((1 - alphas_cumprod) / alphas_cumprod).double().numpy()
-    last = len(log_sigmas) - 1
-    targets = np.linspace(log_sigmas[0], log_sigmas[last - 1], num_inference_steps - 1)
-    steps = np.abs(log_sigmas[None, :] - targets[:, None]).argmin(axis=1)
-    # Near t = 0 neighbouring targets round to the same step, near the top the steps run out: make them distinct.
-    for i in range(1, len(steps)):
-        steps[i] = max(steps[i], steps[i - 1] + 1)
-    for i in reversed(range(len(steps))):
-        steps[i] = min(steps[i], (steps[i + 1] if i + 1 < len(steps) else last) - 1)
-    return [last, *steps[::-1].tolist()]
-
-
 def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) -> Image.Image:
     """Tile `(N, H, W)` uint8 images into one grayscale PIL grid, upscaled with nearest neighbour (never blurred)."""
     n, h, w = images.shape
@@ -183,8 +168,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         """Set the scheduler's timesteps so that sampling starts from pure noise at the last training step.
 
         A grid that already does (50 DDPM steps, any "trailing" scheduler) is used as the scheduler makes it, as the
-        stock pipeline does; otherwise exact trailing timesteps, passed where the scheduler takes custom ones. Log-SNR
-        spacing (`use_lu_lambdas`) is passed as `log_snr_timesteps`."""
+        stock pipeline does; otherwise exact trailing timesteps, passed where the scheduler takes custom ones."""
         scheduler, last = self.scheduler, self.scheduler.config.num_train_timesteps - 1
         takes_timesteps = "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
         if timesteps is not None:
@@ -193,13 +177,6 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                     f"{type(scheduler).__name__} takes no custom `timesteps`; pass `num_inference_steps`."
                 )
             scheduler.set_timesteps(timesteps=list(timesteps), device=device)
-        elif scheduler.config.get("use_lu_lambdas") and takes_timesteps:
-            # diffusers' own log-SNR grid on this schedule spends 6 of 20 steps at t = 48 (sigma 41-596, pure noise to
-            # the UNet) and floors fractional timesteps, so the UNet is told less noise than the sample has.
-            scheduler.register_to_config(use_lu_lambdas=False)
-            steps = log_snr_timesteps(scheduler.alphas_cumprod, num_inference_steps)
-            scheduler.set_timesteps(timesteps=steps, device=device)
-            scheduler.register_to_config(use_lu_lambdas=True)
         else:
             if isinstance(scheduler, (DDIMScheduler, PNDMScheduler)) and (last + 1) % num_inference_steps:
                 divisors = [n for n in range(1, last + 2) if (last + 1) % n == 0]

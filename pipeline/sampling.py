@@ -20,15 +20,14 @@ SCHEDULERS = {
     # DDIM (eta = 0) as first-order DPM-Solver++, the same update (Lu et al. 2022): it takes any step count, where
     # diffusers' DDIMScheduler steps by 50 // n and misses pure noise unless n divides 50.
     "ddim": (DPMSolverMultistepScheduler, {"solver_order": 1, "algorithm_type": "dpmsolver++"}),
-    # Uniform steps in log-SNR, DPM-Solver's own recommendation: more steps at low noise, where strokes are refined;
-    # the pipeline takes them on distinct integer timesteps (`log_snr_timesteps`).
+    # Uniform steps in log-SNR, DPM-Solver's own recommendation: more steps at low noise, where strokes are refined.
     "dpm++": (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
     "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_lu_lambdas": True}),
     # The few-step sampler of consistency-distilled models (`train_ddpm.py --distill_from`).
     "lcm": (LCMScheduler, {}),
 }
 # How `sample` and `evaluate` generate by default: the fastest setting that matches 50 ancestral steps (docs/speed.md).
-DEFAULT_SAMPLER = ("dpm++sde", 14)
+DEFAULT_SAMPLER = ("dpm++sde", 20)
 
 
 def default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[str, int]:

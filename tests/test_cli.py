@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline import MNISTDiffusionPipeline, visualize
 from pipeline.cli import main
 from pipeline.data import load_images
-from pipeline.pipeline_mnist_diffusion import log_snr_timesteps, trailing_timesteps
+from pipeline.pipeline_mnist_diffusion import trailing_timesteps
 from pipeline.sampling import DEFAULT_SAMPLER, SCHEDULERS, generate, make_scheduler, sampling_precision
 
 
@@ -67,21 +67,6 @@ def test_ddim_is_diffusers_ddim_and_takes_any_step_count(tiny_pipeline):
     pipe = MNISTDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": ours})
     latents = pipe(num_inference_steps=7, output_type="latent", callback_on_step_end=lambda p, i, t, k: seen.append(int(t)) or {}).images  # fmt: skip
     assert seen == trailing_timesteps(50, 7) and torch.isfinite(latents).all()  # 49, 42, 35, 28, 20, 13, 6
-
-
-def test_log_snr_steps_are_distinct_timesteps_from_pure_noise(tiny_pipeline):
-    scheduler = make_scheduler("dpm++sde", tiny_pipeline.scheduler.config)
-    scheduler.set_timesteps(20)  # diffusers' own log-SNR grid: t = 48 again and again
-    assert len(set(scheduler.timesteps.tolist())) < 20
-    for steps in range(2, 51):
-        timesteps = log_snr_timesteps(scheduler.alphas_cumprod, steps)
-        assert len(set(timesteps)) == steps and timesteps == sorted(timesteps, reverse=True), steps
-        assert timesteps[0] == 49 and timesteps[-1] == 0, steps
-    seen = []
-    pipe = MNISTDiffusionPipeline(**{**tiny_pipeline.components, "scheduler": scheduler})
-    latents = pipe(num_inference_steps=14, output_type="latent", callback_on_step_end=lambda p, i, t, k: seen.append(int(t)) or {}).images  # fmt: skip
-    assert seen == log_snr_timesteps(scheduler.alphas_cumprod, 14) and torch.isfinite(latents).all()
-    assert seen[:5] == [49, 48, 47, 46, 44] and scheduler.config.use_lu_lambdas  # the setting itself is kept
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
