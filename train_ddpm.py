@@ -336,9 +336,11 @@ def load_data(
     return images.to(accelerator.device), labels.to(accelerator.device)
 
 
-def load_teacher(args: argparse.Namespace) -> tuple[UNet2DModel, MNISTDiffusionPipeline, LCMScheduler]:
+def load_teacher(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[UNet2DModel, MNISTDiffusionPipeline, LCMScheduler]:
     """For --distill_from: the student (a copy of the teacher's UNet), the frozen teacher pipeline (its UNet and
-    guide), and the student's `LCMScheduler` on the teacher's noise schedule."""
+    guide, on `device`), and the student's `LCMScheduler` on the teacher's noise schedule."""
     teacher = load_pipeline(args.distill_from)
     if teacher.conditioning != "none":
         raise ValueError(
@@ -365,7 +367,7 @@ def load_teacher(args: argparse.Namespace) -> tuple[UNet2DModel, MNISTDiffusionP
     student = copy.deepcopy(teacher.unet).train()
     for unet in (teacher.unet, teacher.guide_unet):
         if unet is not None:
-            unet.requires_grad_(False).eval()
+            use_plain_attention(unet.requires_grad_(False).eval().to(device), device)
     return student, teacher, scheduler
 
 
@@ -454,11 +456,16 @@ def save_outputs(
     }
     with ema_weights(unet, ema_model):
         unet.eval()
+        # At the step the guide is taken it is these very weights: guiding by it would only double the UNet calls.
+        guide = pipeline.guide_unet
+        same = guide is not None and all(map(torch.equal, guide.parameters(), unet.parameters()))
+        guidance_scale = 1.0 if same else 2.0
         if save_images:
             digits = to_uint8(
                 pipeline(
                     generator=torch.Generator().manual_seed(0),
                     output_type="np",
+                    guidance_scale=guidance_scale,
                     **pipeline.example_conditions(args.eval_batch_size),
                 ).images
             )
@@ -480,7 +487,9 @@ def save_outputs(
             )
             wanted = digit_cycle(args.eval_num_samples) if pipeline.conditioning != "none" else None
             with accelerator.autocast():
-                digits = generate(scorer, args.eval_num_samples, 0, 125, steps, wanted, progress=False)
+                digits = generate(
+                    scorer, args.eval_num_samples, 0, 125, steps, wanted, guidance_scale=guidance_scale, progress=False
+                )
             results = {**evaluate_digits(digits, real_features, wanted), "scheduler": sampler, "steps": steps}
             card_results.update(evaluation_results(results))
             accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=record["step"])
@@ -519,7 +528,7 @@ def main(args: argparse.Namespace) -> None:
         text_encoder, tokenizer = load_text_encoder(args.text_encoder, args.cache_dir)
         text_encoder.to(device)
     if args.distill_from:
-        model, teacher, noise_scheduler = load_teacher(args)
+        model, teacher, noise_scheduler = load_teacher(args, device)
     else:
         model, noise_scheduler = create_model_and_scheduler(
             args.resolution or 28,
@@ -530,10 +539,6 @@ def main(args: argparse.Namespace) -> None:
         )
     model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
     use_plain_attention(model, device)
-    if teacher is not None:
-        for unet in (teacher.unet, teacher.guide_unet):
-            if unet is not None:
-                use_plain_attention(unet.to(device), device)
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, model_config)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
