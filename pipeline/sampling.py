@@ -1,7 +1,10 @@
 """Sampling as the command line, training, evaluation and the benchmarks do it: samplers, precision, loading, batches."""
 
 import contextlib
+import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -105,6 +108,56 @@ def digit_cycle(n: int) -> np.ndarray:
     return np.arange(n) % NUM_CLASSES
 
 
+def generate_batch(
+    pipe: MNISTDiffusionPipeline,
+    seeds: range,
+    num_inference_steps: int | None = None,
+    labels: list[int] | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float = 2.0,
+    callback_on_step_end: Callable[[MNISTDiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+) -> np.ndarray:
+    """One uint8 `(B, 28, 28)` batch: digit i from seed `seeds[i]`, asked to be `labels[i]` if given."""
+    generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
+    condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
+    if labels is not None:
+        if pipe.conditioning == "text":
+            condition["prompt"] = [EXAMPLE_PROMPT.format(label) for label in labels]
+        else:
+            condition["class_labels"] = labels
+    output = pipe(
+        batch_size=len(generators),
+        generator=generators,
+        num_inference_steps=num_inference_steps,
+        output_type="np",
+        guidance_scale=guidance_scale,
+        callback_on_step_end=callback_on_step_end,
+        **condition,
+    )
+    return to_uint8(output.images)
+
+
+_worker_pipe: MNISTDiffusionPipeline | None = None  # a sampling process's copy of the pipeline
+_worker_autocast: torch.dtype | None = None
+
+
+def _start_worker(pipe: MNISTDiffusionPipeline, autocast: torch.dtype | None, threads: int) -> None:
+    """Set up a sampling process: its share of the threads, the pipeline (progress bar off) and the caller's autocast."""
+    global _worker_pipe, _worker_autocast
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it keeps the batches done
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock, which a stopped worker would leak
+    torch.set_num_threads(threads)
+    _worker_pipe, _worker_autocast = pipe, autocast
+
+
+def _worker_batch(job: tuple) -> np.ndarray:
+    """`generate_batch` in a sampling process."""
+    precision = torch.autocast("cpu", _worker_autocast) if _worker_autocast else contextlib.nullcontext()
+    with precision:
+        return generate_batch(_worker_pipe, *job)
+
+
 def generate_batches(
     pipe: MNISTDiffusionPipeline,
     num_images: int,
@@ -117,34 +170,46 @@ def generate_batches(
     guidance_scale: float = 2.0,
     progress: bool = True,
     callback_on_step_end: Callable[[MNISTDiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+    num_processes: int = 1,
 ) -> Iterator[np.ndarray]:
-    """`num_images` digits as uint8 `(B, 28, 28)` batches; digit i comes from seed + i, whatever the batch size.
+    """`num_images` digits as uint8 `(B, 28, 28)` batches, in order; digit i comes from seed + i, whatever the batch
+    size or the number of processes.
 
     Digit i is asked to be `labels[i]` (a class label, or a prompt about it for text models) or `prompt`;
-    `callback_on_step_end` goes to the pipeline, as in diffusers."""
+    `callback_on_step_end` goes to the pipeline, as in diffusers. With `num_processes` > 1 (CPU only), the batches are
+    drawn by that many processes, each with its share of torch's threads, under the caller's bf16 autocast if any."""
+    if num_processes > 1 and (pipe.device.type != "cpu" or callback_on_step_end is not None):
+        raise ValueError("Sampling in several processes is for the CPU, without a callback; use num_processes=1.")
     pipe.set_progress_bar_config(disable=True)
-    with tqdm(total=num_images, desc="Sampling", unit="img", disable=not progress) as bar:
-        for start in range(0, num_images, batch_size):
-            seeds = range(seed + start, seed + min(start + batch_size, num_images))
-            generators = [torch.Generator(pipe.device).manual_seed(s) for s in seeds]
-            condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
-            if labels is not None:
-                wanted = labels[start : start + len(generators)].tolist()
-                if pipe.conditioning == "text":
-                    condition["prompt"] = [EXAMPLE_PROMPT.format(label) for label in wanted]
-                else:
-                    condition["class_labels"] = wanted
-            output = pipe(
-                batch_size=len(generators),
-                generator=generators,
-                num_inference_steps=num_inference_steps,
-                output_type="np",
-                guidance_scale=guidance_scale,
-                callback_on_step_end=callback_on_step_end,
-                **condition,
+    jobs = (
+        (
+            range(seed + start, seed + min(start + batch_size, num_images)),
+            num_inference_steps,
+            None if labels is None else labels[start : start + batch_size].tolist(),
+            prompt,
+            negative_prompt,
+            guidance_scale,
+        )
+        for start in range(0, num_images, batch_size)
+    )
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=num_images, desc="Sampling", unit="img", disable=not progress))
+        if num_processes == 1:
+            batches = (generate_batch(pipe, *job, callback_on_step_end) for job in jobs)
+        else:
+            # Two 1-thread processes draw digits faster than one 2-thread process (docs/speed.md); spawn, as forked
+            # OpenMP thread pools can hang.
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            threads = max(1, torch.get_num_threads() // num_processes)
+            pool = multiprocessing.get_context("spawn").Pool(
+                num_processes, initializer=_start_worker, initargs=(pipe, autocast, threads)
             )
-            bar.update(len(generators))
-            yield to_uint8(output.images)
+            stack.callback(pool.join)
+            stack.callback(pool.terminate)  # first: on Ctrl-C the workers stop at once
+            batches = pool.imap(_worker_batch, jobs)
+        for batch in batches:
+            bar.update(len(batch))
+            yield batch
 
 
 def generate(pipe: MNISTDiffusionPipeline, num_images: int, seed: int, batch_size: int, *args, **kwargs) -> np.ndarray:

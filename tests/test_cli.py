@@ -10,7 +10,14 @@ from pipeline import MNISTDiffusionPipeline, visualize
 from pipeline.cli import main
 from pipeline.data import load_images
 from pipeline.pipeline_mnist_diffusion import trailing_timesteps
-from pipeline.sampling import DEFAULT_SAMPLER, SCHEDULERS, generate, make_scheduler, sampling_precision
+from pipeline.sampling import (
+    DEFAULT_SAMPLER,
+    SCHEDULERS,
+    generate,
+    generate_batches,
+    make_scheduler,
+    sampling_precision,
+)
 
 
 @pytest.fixture
@@ -49,6 +56,23 @@ def test_sample_defaults_to_the_recommended_sampler(model_dir, tmp_path, tiny_pi
     main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "ddim"]
          + ["--num_inference_steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
     assert not np.array_equal(np.load(npz)["images"], expected)
+
+
+def test_sample_in_two_processes_draws_the_same_digits(model_dir, tmp_path, tiny_pipeline):
+    npz = tmp_path / "d.npz"
+    main(["sample", "--model", str(model_dir), "--scheduler", "dpm++", "--num_inference_steps", "4", "--seed", "3"]
+         + ["--num_images", "5", "--batch_size", "2", "--precision", "bf16", "--num_processes", "2"]
+         + ["--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
+    tiny_pipeline.scheduler = make_scheduler("dpm++", tiny_pipeline.scheduler.config)
+    expected = {}
+    for precision in ("fp32", "bf16"):
+        with sampling_precision(torch.device("cpu"), precision):
+            expected[precision] = generate(tiny_pipeline, 5, 3, 2, 4, progress=False).astype(int)
+    # In order, seed by seed, under the asked autocast (up to a rounding of 1 from the threads' summation order).
+    assert np.abs(np.load(npz)["images"].astype(int) - expected["bf16"]).max() <= 1
+    assert np.abs(expected["bf16"] - expected["fp32"]).max() > 1
+    with pytest.raises(ValueError, match="num_processes=1"):
+        next(generate_batches(tiny_pipeline, 2, 0, 2, 4, callback_on_step_end=lambda *a: {}, num_processes=2))
 
 
 def test_ddim_is_diffusers_ddim_and_takes_any_step_count(tiny_pipeline):
