@@ -288,8 +288,8 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
         "--num_processes",
         type=positive_int,
         default=1,
-        help="CPU only: draw the batches in this many processes, each with its share of the threads (on 2 cores, 2 "
-        "draw thousands of digits faster than 1: docs/speed.md).",
+        help="CPU only: draw the batches in this many processes, each with its share of the threads; starting them "
+        "takes seconds, so it pays on long runs only (docs/speed.md).",
     )
 
 
