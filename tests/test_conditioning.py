@@ -133,3 +133,16 @@ def test_command_line_draws_and_scores_the_digits_asked_for(class_model, mnist_d
          + ["--dataset_name", str(mnist_dir), "--out", str(out)])  # fmt: skip
     results = json.loads(out.read_text())
     assert 0 <= results["label_accuracy"] <= 1 and results["guidance_scale"] == 2.0
+
+
+def test_several_processes_draw_the_digits_asked_for_in_order(class_model):
+    from pipeline.sampling import digit_cycle, generate, load_sampler
+
+    pipe, _, steps = load_sampler(str(class_model), "dpm++", 3)
+    labels = digit_cycle(5)
+    one, two, shifted = (
+        generate(pipe, 5, 0, 2, steps, wanted, progress=False, num_processes=n).astype(int)
+        for wanted, n in ((labels, 1), (labels, 2), (np.roll(labels, 1), 1))
+    )
+    assert np.abs(two - one).max() <= 1  # a rounding of 1 at most, from the threads' summation order
+    assert np.abs(shifted - one).max() > 1  # so the labels reach each batch in its process
