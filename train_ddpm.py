@@ -459,13 +459,13 @@ def save_outputs(
         # At the step the guide is taken it is these very weights: guiding by it would only double the UNet calls.
         guide = pipeline.guide_unet
         same = guide is not None and all(map(torch.equal, guide.parameters(), unet.parameters()))
-        guidance_scale = 1.0 if same else 2.0
+        guidance = {"guidance_scale": 1.0} if same else {}  # otherwise the pipeline's default
         if save_images:
             digits = to_uint8(
                 pipeline(
                     generator=torch.Generator().manual_seed(0),
                     output_type="np",
-                    guidance_scale=guidance_scale,
+                    **guidance,
                     **pipeline.example_conditions(args.eval_batch_size),
                 ).images
             )
@@ -487,9 +487,7 @@ def save_outputs(
             )
             wanted = digit_cycle(args.eval_num_samples) if pipeline.conditioning != "none" else None
             with accelerator.autocast():
-                digits = generate(
-                    scorer, args.eval_num_samples, 0, 125, steps, wanted, guidance_scale=guidance_scale, progress=False
-                )
+                digits = generate(scorer, args.eval_num_samples, 0, 125, steps, wanted, progress=False, **guidance)
             results = {**evaluate_digits(digits, real_features, wanted), "scheduler": sampler, "steps": steps}
             card_results.update(evaluation_results(results))
             accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=record["step"])
