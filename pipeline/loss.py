@@ -1,5 +1,5 @@
 """The training objectives: denoising (which noise levels, what noise, what target, what weights) and consistency
-distillation of a trained model into a few-step one."""
+distillation of a trained model into a few-step one, with an optional adversarial term and its discriminator."""
 
 from dataclasses import dataclass
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, LCMScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from scipy.optimize import linear_sum_assignment
+from torch.func import functional_call
 
 
 def immiscible_noise(clean_images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -103,6 +104,18 @@ class DiffusionLoss:
         return (losses * self.weights(timesteps)).mean()
 
 
+class Discriminator(torch.nn.Sequential):
+    """A small convolutional critic of 28x28 digits (DCGAN's shape) for the adversarial term of distillation; it
+    trains beside the student and is not saved with the pipeline."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)) -> None:
+        layers, size = [], 28
+        for in_channels, out_channels in zip((1, *channels[:-1]), channels, strict=True):
+            layers += [torch.nn.Conv2d(in_channels, out_channels, 4, 2, 1), torch.nn.LeakyReLU(0.2)]
+            size //= 2
+        super().__init__(*layers, torch.nn.Flatten(), torch.nn.Linear(channels[-1] * size * size, 1))
+
+
 @dataclass
 class ConsistencyDistillationLoss:
     """Latent-consistency distillation (Luo et al. 2023, as diffusers' `train_lcm_distill_sd_wds.py`) of a frozen
@@ -114,7 +127,14 @@ class ConsistencyDistillationLoss:
     boundary scalings, so training and sampling share them. `huber_c` (None: squared error) sets the pseudo-Huber
     loss of improved consistency training (Song & Dhariwal 2023). With a `guide` (the teacher pipeline's
     `guide_unet`), the teacher's step follows its autoguided prediction `guide + w (teacher - guide)` at the timesteps
-    of `guidance_interval`, as LCM distils classifier-free guidance into its student."""
+    of `guidance_interval`, as LCM distils classifier-free guidance into its student.
+
+    With a `discriminator`, the student's own digits are also judged against the batch's real ones (a GAN term, as
+    in CTM, Kim et al. 2023, and DMD2, Yin et al. 2024): the student samples from pure noise down a random number of
+    its `sampling_timesteps` without gradients, as its sampler does (DMD2's backward simulation), then makes its
+    next jump to a digit with them; the non-saturating GAN loss of that digit, at `adversarial_weight`, pushes the
+    student, and the discriminator's logistic loss is added to the returned loss. The two terms' parameters are
+    disjoint (the student's term sees the discriminator's weights detached), so one backward pass trains both."""
 
     scheduler: LCMScheduler
     teacher: torch.nn.Module
@@ -124,6 +144,9 @@ class ConsistencyDistillationLoss:
     guide: torch.nn.Module | None = None
     guidance_scale: float = 1.0
     guidance_interval: tuple[int, int] | None = None
+    discriminator: torch.nn.Module | None = None
+    adversarial_weight: float = 0.0
+    sampling_timesteps: list[int] | None = None
 
     def __post_init__(self) -> None:
         num_train_timesteps = self.scheduler.config.num_train_timesteps
@@ -131,6 +154,10 @@ class ConsistencyDistillationLoss:
             raise ValueError(
                 f"num_ddim_timesteps must divide the teacher's {num_train_timesteps} training steps, "
                 f"got {self.num_ddim_timesteps}."
+            )
+        if self.discriminator is not None and not self.sampling_timesteps:
+            raise ValueError(
+                "An adversarial term needs the student's sampling_timesteps, where its fake digits come from."
             )
         self.skip = num_train_timesteps // self.num_ddim_timesteps
         # The grid LCMScheduler samples on (its `original_inference_steps`): skip - 1, 2 skip - 1, ..., T - 1.
@@ -170,9 +197,12 @@ class ConsistencyDistillationLoss:
         previous = (start - self.skip).clamp(min=0)
         condition = condition or {}
         noisy_images = self.scheduler.add_noise(clean_images, noise, start)
-        prediction, _, _ = self.consistency(
-            model(noisy_images, start, **condition).sample.float(), noisy_images, start
-        )
+        inputs, timesteps = noisy_images, start
+        if self.discriminator is not None:
+            chain, chain_timesteps = self.student_chain(model, clean_images, generator, shard)
+            inputs, timesteps = torch.cat([noisy_images, chain]), torch.cat([start, chain_timesteps])
+        output = model(inputs, timesteps, **condition).sample.float()  # one call: DDP allows one per backward
+        prediction, _, _ = self.consistency(output[:size], noisy_images, start)
         with torch.no_grad():
             teacher_output = self.teacher(noisy_images, start, **condition).sample.float()
             if self.guide is not None and self.guidance_scale != 1:
@@ -190,5 +220,41 @@ class ConsistencyDistillationLoss:
                 self.target(previous_images, previous, **condition).sample.float(), previous_images, previous
             )
         if self.huber_c is None:
-            return F.mse_loss(prediction, target)
-        return (torch.sqrt((prediction - target) ** 2 + self.huber_c**2) - self.huber_c).mean()
+            loss = F.mse_loss(prediction, target)
+        else:
+            loss = (torch.sqrt((prediction - target) ** 2 + self.huber_c**2) - self.huber_c).mean()
+        if self.discriminator is None:
+            return loss
+        fake = self.consistency(output[size:], chain, chain_timesteps)[1]
+        return loss + self.adversarial_loss(clean_images, fake)
+
+    @torch.no_grad()
+    def student_chain(
+        self, model: torch.nn.Module, clean_images: torch.Tensor, generator: torch.Generator, shard: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the student's sampler stands after a random number of its steps from pure noise, drawn as the
+        consistency loss draws: the inputs of its next jump, and their timesteps."""
+        device, size = clean_images.device, len(clean_images)
+        part = slice(shard[0] * size, (shard[0] + 1) * size)
+        timesteps, alphas_cumprod = self.sampling_timesteps, self.scheduler.alphas_cumprod.to(device)
+        steps = int(torch.randint(0, len(timesteps), (1,), generator=generator, device=device))
+        draws = torch.randn((steps + 1, size * shard[1], *clean_images.shape[1:]), generator=generator, device=device)
+        sample = draws[0, part]
+        for i in range(steps):  # LCMScheduler.step: the clipped digit, noised again to the next timestep
+            t = torch.full((size,), timesteps[i], device=device)
+            _, x_0, _ = self.consistency(model(sample, t).sample.float(), sample, t)
+            c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(t.view(-1, 1, 1, 1))
+            denoised = c_skip * sample + c_out * x_0.clamp(-1, 1)
+            alpha = alphas_cumprod[timesteps[i + 1]]
+            sample = alpha.sqrt() * denoised + (1 - alpha).sqrt() * draws[i + 1, part]
+        return sample, torch.full((size,), timesteps[steps], device=device)
+
+    def adversarial_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """The student's GAN loss at `adversarial_weight` plus the discriminator's own, on one batch."""
+        module = getattr(self.discriminator, "module", self.discriminator)  # under DDP, its weights are the module's
+        frozen = {name: p.detach() for name, p in module.named_parameters()}
+        student = F.softplus(-functional_call(module, frozen, (fake,)).float()).mean()
+        # One call on both halves: DDP allows one forward per backward.
+        real_logits, fake_logits = self.discriminator(torch.cat([real, fake.detach()])).float().chunk(2)
+        critic = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        return self.adversarial_weight * student + critic

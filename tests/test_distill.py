@@ -11,7 +11,7 @@ from diffusers import LCMScheduler
 
 from pipeline import MNISTDiffusionPipeline
 from pipeline.cli import main
-from pipeline.loss import ConsistencyDistillationLoss
+from pipeline.loss import ConsistencyDistillationLoss, Discriminator
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +60,24 @@ def test_student_saves_its_scheduler_and_samples_in_its_few_steps(mnist_dir, tea
     assert (results["scheduler"], results["steps"]) == ("lcm", 3)
 
 
-def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path):
+@pytest.mark.parametrize("weight", ["0", "0.1"], ids=["lcm", "adversarial"])
+def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, weight):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(*distill_args(mnist_dir, teacher, straight, "--max_train_steps", "4"))
-    train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "2", "--checkpointing_steps", "2"))
-    train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    flags = ["--adversarial_weight", weight]
+    train(*distill_args(mnist_dir, teacher, straight, "--max_train_steps", "4", "--checkpointing_steps", "4", *flags))
+    train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "2", "--checkpointing_steps", "2", *flags))
+    train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                        "--resume_from_checkpoint", "latest", *flags))  # fmt: skip
     assert (resumed / "checkpoint-2" / "unet_target").is_dir()
     assert_same_weights(
         straight / "unet" / "diffusion_pytorch_model.safetensors",
         resumed / "unet" / "diffusion_pytorch_model.safetensors",
     )
+    # The discriminator (the second prepared model) is saved and restored with the student.
+    adversarial = weight != "0"
+    assert (resumed / "checkpoint-2" / "model_1.safetensors").exists() == adversarial
+    for name in ("model.safetensors", "model_1.safetensors")[: 1 + adversarial]:
+        assert_same_weights(straight / "checkpoint-4" / name, resumed / "checkpoint-4" / name)
 
 
 def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher, tmp_path, capsys):
@@ -82,6 +90,9 @@ def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher
     cond = tmp_path / "cond"
     train(*base_args(mnist_dir, tiny_unet_config, cond, "--max_train_steps", "1", "--conditioning", "class"))
     assert "class-conditional" in cli_error(capsys, *distill_args(mnist_dir, cond, out))
+    assert "needs --distill_from" in cli_error(
+        capsys, *base_args(mnist_dir, tiny_unet_config, out, "--adversarial_weight", "1")
+    )
     fast = tmp_path / "fast"
     train(*distill_args(mnist_dir, teacher, fast, "--max_train_steps", "1"))
     assert "distil from the model that was trained" in cli_error(capsys, *distill_args(mnist_dir, fast, out))
@@ -137,3 +148,33 @@ def test_an_autoguided_teacher_is_distilled_with_its_guide_inside_its_interval(t
     assert value(guide=teacher, guidance_scale=2.0) == plain  # a guide equal to the teacher changes nothing
     assert value(guide=guide, guidance_scale=2.0) != plain
     assert value(guide=guide, guidance_scale=2.0, guidance_interval=(50, 60)) == plain  # no timestep inside
+
+
+def test_the_adversarial_term_trains_the_student_and_the_discriminator_each_on_its_own_loss(tiny_pipeline):
+    scheduler = LCMScheduler.from_config(tiny_pipeline.scheduler.config)
+    student = tiny_pipeline.unet
+    teacher, target = (copy.deepcopy(student).requires_grad_(False) for _ in range(2))
+    torch.manual_seed(0)
+    discriminator = Discriminator()
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+
+    def gradients(critic: torch.nn.Module | None, weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        student.zero_grad(), discriminator.zero_grad()
+        loss = ConsistencyDistillationLoss(
+            scheduler, teacher, target, discriminator=critic, adversarial_weight=weight, sampling_timesteps=[49, 32]
+        )
+        loss(student, images, torch.Generator().manual_seed(0)).backward()
+        flat = [torch.cat([p.grad.flatten() for p in m.parameters()]) if critic or m is student else None
+                for m in (student, discriminator)]  # fmt: skip
+        return flat[0], flat[1]
+
+    consistency_only, _ = gradients(None, 0.0)
+    plain_student, plain_critic = gradients(discriminator, 0.0)
+    adversarial_student, adversarial_critic = gradients(discriminator, 1.0)
+    # The discriminator's loss does not reach the student, the student's GAN loss does not reach the discriminator.
+    torch.testing.assert_close(plain_student, consistency_only)
+    assert not torch.allclose(plain_student, adversarial_student)
+    torch.testing.assert_close(plain_critic, adversarial_critic)
+    assert plain_critic.abs().sum() > 0
+    with pytest.raises(ValueError, match="sampling_timesteps"):
+        ConsistencyDistillationLoss(scheduler, teacher, target, discriminator=discriminator)
