@@ -232,8 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=None,
         help="Also train the student against a small discriminator of real digits, on digits of its own sampler, its "
-        "GAN loss at this weight (0: off). Default 0.1 with --distill_from: FID 3.27 against 3.89 in 4 steps "
-        "(docs/speed.md).",
+        "GAN loss at this weight (0: off). Default 0.1 with --distill_from, which measured best (docs/speed.md).",
     )
     distill.add_argument(
         "--discriminator_learning_rate", type=float, default=2e-4, help="Adam's learning rate for the discriminator."
