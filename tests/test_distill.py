@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_weights, base_args, cli_error, run_python, train
+from conftest import ROOT, assert_same_weights, base_args, cli_error, run_python, train
 from diffusers import LCMScheduler
 
 from pipeline import MNISTDiffusionPipeline
@@ -178,3 +178,35 @@ def test_the_adversarial_term_trains_the_student_and_the_discriminator_each_on_i
     assert plain_critic.abs().sum() > 0
     with pytest.raises(ValueError, match="sampling_timesteps"):
         ConsistencyDistillationLoss(scheduler, teacher, target, discriminator=discriminator)
+
+
+def test_student_noise_benchmark_sampler_is_lcm_at_gamma_1_and_noise_scale_1(monkeypatch):
+    """benchmarks/student_noise.py's 1:1 row is the shipped sampler: its step equals LCMScheduler's, draw for draw."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from student_noise import NoiseLCMScheduler
+
+    lcm = LCMScheduler(
+        num_train_timesteps=50,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="v_prediction",
+        timestep_scaling=10,
+        clip_sample=True,
+    )
+    schedulers = {
+        name: cls.from_config(lcm.config) for name, cls in (("lcm", LCMScheduler), ("noise", NoiseLCMScheduler))
+    }
+    deterministic = NoiseLCMScheduler.from_config(lcm.config)
+    deterministic.gamma = 0.0
+    schedulers["gamma 0"] = deterministic
+    start = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    finals = {}
+    for name, scheduler in schedulers.items():
+        scheduler.set_timesteps(timesteps=[49, 39, 29, 19])
+        sample = start
+        for i, t in enumerate(scheduler.timesteps):
+            output = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(10 + i))
+            generator = torch.Generator().manual_seed(100 + i)
+            sample = scheduler.step(output, t, sample, generator=generator).prev_sample
+        finals[name] = sample
+    torch.testing.assert_close(finals["noise"], finals["lcm"])
+    assert not torch.allclose(finals["gamma 0"], finals["lcm"])  # keeping the predicted noise changes the path
