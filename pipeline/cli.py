@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import torch
+from diffusers import LCMScheduler
 from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
@@ -32,6 +33,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for scales: a clear error for 0 or less."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
@@ -167,6 +176,12 @@ def resave(args: argparse.Namespace) -> None:
     pipe.scheduler.register_to_config(timestep_spacing="trailing")
     if args.guidance_interval is not None:
         pipe.register_to_config(guidance_interval=list(args.guidance_interval))
+    if args.noise_scale is not None:
+        if not isinstance(pipe.scheduler, LCMScheduler):
+            raise ValueError(
+                f"--noise_scale is for distilled (LCM) models; {args.model} samples with another sampler."
+            )
+        pipe.register_to_config(noise_scale=args.noise_scale)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.model))) as tmp:
         pipe.save_pretrained(tmp, training_args=training_args, results=results or None)
         del pipe  # its weights may be memory-mapped from the files about to be replaced
@@ -379,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar=("LOWEST", "HIGHEST"),
         help="Also set the timesteps at which its guidance is applied (a sampling setting; the weights stay).",
+    )
+    r.add_argument(
+        "--noise_scale",
+        type=positive_float,
+        default=None,
+        help="Also set a distilled model's factor on its sampler's noise (a sampling setting; the weights stay).",
     )
     r.set_defaults(run=resave)
     return parser

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, assert_same_weights, base_args, cli_error, run_python, train
-from diffusers import LCMScheduler
+from diffusers import DDPMScheduler, LCMScheduler
 
 from pipeline import MNISTDiffusionPipeline
 from pipeline.cli import main
@@ -210,3 +210,32 @@ def test_student_noise_benchmark_sampler_is_lcm_at_gamma_1_and_noise_scale_1(mon
         finals[name] = sample
     torch.testing.assert_close(finals["noise"], finals["lcm"])
     assert not torch.allclose(finals["gamma 0"], finals["lcm"])  # keeping the predicted noise changes the path
+
+
+def test_noise_scale_is_a_saved_sampling_setting_of_the_consistency_sampler(tiny_pipeline, tmp_path, monkeypatch):
+    """`noise_scale` scales the LCM sampler's starting and fresh noise, as the benchmark measured it; `resave` saves it
+    as the folder's default; other samplers refuse it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from student_noise import NoiseLCMScheduler
+
+    config = dict(tiny_pipeline.scheduler.config, timestep_spacing="trailing")
+    pipe = MNISTDiffusionPipeline(unet=tiny_pipeline.unet, scheduler=LCMScheduler.from_config(config))
+    pipe.save_pretrained(tmp_path / "fast")
+
+    def digits(pipe, **kwargs):
+        generator = [torch.Generator().manual_seed(i) for i in range(2)]
+        return pipe(batch_size=2, generator=generator, num_inference_steps=3, output_type="np", **kwargs).images
+
+    plain, scaled = digits(pipe), digits(pipe, noise_scale=0.8)
+    assert not np.allclose(plain, scaled)
+    reference = MNISTDiffusionPipeline(unet=pipe.unet, scheduler=NoiseLCMScheduler.from_config(pipe.scheduler.config))
+    reference.scheduler.noise_scale = reference.scheduler.init_noise_sigma = 0.8
+    np.testing.assert_allclose(scaled, digits(reference), atol=1e-5)
+    main(["resave", "--model", str(tmp_path / "fast"), "--noise_scale", "0.8"])
+    loaded = MNISTDiffusionPipeline.from_pretrained(tmp_path / "fast")
+    np.testing.assert_allclose(digits(loaded), scaled, atol=1e-6)
+    np.testing.assert_allclose(digits(loaded, noise_scale=1.0), plain, atol=1e-6)
+    loaded.scheduler = DDPMScheduler.from_config(config)  # the saved default is the LCM sampler's only
+    digits(loaded)
+    with pytest.raises(ValueError, match="consistency sampler"):
+        digits(loaded, noise_scale=0.8)

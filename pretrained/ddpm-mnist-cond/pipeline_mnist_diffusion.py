@@ -123,6 +123,9 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         guidance_interval (`list[int]`, *optional*): the timesteps (lowest, highest) at which guidance is
             applied: autoguidance does nothing at the noisiest steps and over-sharpens at the cleanest, and each
             step outside saves the second UNet call. Defaults to every step.
+        noise_scale (`float`, *optional*): for the consistency sampler ([`LCMScheduler`]), a factor on its starting
+            noise and on the fresh noise of each step (a temperature): below 1 it trades a little diversity for
+            cleaner digits. Defaults to 1.
 
     Example:
 
@@ -152,12 +155,14 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         guide_unet: UNet2DModel | UNet2DConditionModel | None = None,
         default_num_inference_steps: int | None = None,
         guidance_interval: list[int] | None = None,
+        noise_scale: float | None = None,
     ):
         super().__init__(unet=unet, scheduler=scheduler)
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, guide_unet=guide_unet)
         self.register_to_config(
             default_num_inference_steps=default_num_inference_steps,
             guidance_interval=list(guidance_interval) if guidance_interval is not None else None,
+            noise_scale=noise_scale,
         )
 
     @property
@@ -263,6 +268,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         prompt: list[str] | None,
         negative_prompt: list[str] | None,
         guidance_scale: float,
+        noise_scale: float,
     ) -> None:
         """Reject bad arguments before any work is done."""
         check_unet_config(self.unet.config)
@@ -277,6 +283,13 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         interval = self.config.get("guidance_interval")
         if interval is not None and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
             raise ValueError(f"`guidance_interval` must be two timesteps (lowest, highest), got {interval}.")
+        if not noise_scale > 0:
+            raise ValueError(f"`noise_scale` must be positive, got {noise_scale}.")
+        if noise_scale != 1 and not isinstance(self.scheduler, LCMScheduler):
+            raise ValueError(
+                f"`noise_scale` applies to the consistency sampler (LCMScheduler), not {type(self.scheduler).__name__}; "
+                "leave it at 1."
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
         for name, values in (("class_labels", class_labels), ("prompt", prompt), ("negative_prompt", negative_prompt)):
@@ -329,6 +342,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         guidance_scale: float = 2.0,
+        noise_scale: float | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -356,6 +370,8 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             guidance_scale (`float`, defaults to 2.0): guidance weight `w` in `weak + w * (unet - weak)`, where the
                 weak prediction is `guide_unet`'s if the pipeline has one (autoguidance), else the UNet's without the
                 labels or prompt (classifier-free guidance); 1 means no guidance. Ignored with neither.
+            noise_scale (`float`, *optional*): the consistency sampler's factor on its starting and fresh noise;
+                defaults to the pipeline's `noise_scale` with an [`LCMScheduler`], else 1 (other samplers take only 1).
             latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`; drawn from
                 `generator` if not given.
             output_type (`str`, defaults to `"pil"`): `"pil"` (mode "L" images), `"np"` (N, 28, 28, 1) floats in
@@ -391,9 +407,11 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             values * batch_size if values is not None and len(values) == 1 else values
             for values in (class_labels, prompt, negative_prompt)
         )
+        if noise_scale is None:
+            noise_scale = (self.config.get("noise_scale") or 1.0) if isinstance(self.scheduler, LCMScheduler) else 1.0
         self.check_inputs(
             batch_size, num_inference_steps, timesteps, generator, output_type, callback_on_step_end_tensor_inputs,
-            class_labels, prompt, negative_prompt, guidance_scale,
+            class_labels, prompt, negative_prompt, guidance_scale, noise_scale,
         )  # fmt: skip
 
         device = self._execution_device
@@ -413,7 +431,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         if cfg:  # one UNet call on [conditioned; unconditioned]
             both = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
         timesteps = self.set_sampling_timesteps(num_inference_steps, timesteps, device)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * self.scheduler.init_noise_sigma * noise_scale
         # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.
         step_kwargs = (
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
@@ -435,7 +453,11 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 if autoguide and guided:
                     weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **condition).sample.float()
             model_output = conditioned if weak is None else weak + guidance_scale * (conditioned - weak)
-            latents = self.scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+            output = self.scheduler.step(model_output, t, latents, **step_kwargs)
+            latents = output.prev_sample
+            if noise_scale != 1 and i + 1 < len(timesteps):  # LCM: x_next = a x_0 + s z; scale s z alone
+                alpha = self.scheduler.alphas_cumprod[timesteps[i + 1]].sqrt().to(latents.device)
+                latents = alpha * output.denoised + noise_scale * (latents - alpha * output.denoised)
             if callback_on_step_end is not None:
                 local = {"latents": latents, "image": latents, "model_output": model_output}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
