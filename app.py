@@ -108,6 +108,7 @@ def build_demo(models: list[str]) -> gr.Blocks:
         pipe = MNISTDiffusionPipeline(
             **{**pipe.components, "scheduler": make_scheduler(scheduler, pipe.scheduler.config)},
             guidance_interval=pipe.config.get("guidance_interval"),
+            noise_scale=pipe.config.get("noise_scale"),
         )
         shown = sorted(
             {round(i * (steps - 1) / max(PROCESS_FRAMES - 1, 1)) for i in range(min(steps, PROCESS_FRAMES))}
