@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Guidance: FID (and label accuracy) against the guidance scale, the guide and the guided timesteps, with the
-sampling time. Classifier-free guidance for a conditional pipeline (digit i is asked to be i % 10), autoguidance for
+"""Guidance: FID (and label accuracy) against the guidance scale, the guide, the guided timesteps and the sampler's
+noise scale, with the sampling time. Classifier-free guidance for a conditional pipeline (digit i is asked to be i % 10), autoguidance for
 one with a `guide_unet`; the default sampler of `mnist-diffusion sample` draws the digits, seeds 0..N-1.
 
     python benchmarks/guidance.py --model pretrained/ddpm-mnist-cond --dataset_name ylecun/mnist --num_samples 1000
@@ -8,9 +8,12 @@ one with a `guide_unet`; the default sampler of `mnist-diffusion sample` draws t
         --guidance_scales 1 1.5 2 2.5 --guidance_intervals 0:49 0:45 0:38 \\
         --guides epoch1=pretrained/ddpm-mnist/guide_unet epoch2=pretrained/ddpm-mnist/checkpoint-1874/unet_ema \\
         --out benchmarks/results/autoguidance.json
+    python benchmarks/guidance.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 2000 \
+        --guidance_scales 2 --noise_scales 1 0.97 0.94 0.91 --out benchmarks/results/autoguidance_noise.json
 """
 
 import argparse
+import itertools
 import json
 import time
 
@@ -35,6 +38,13 @@ def main() -> None:
     parser.add_argument(
         "--guidance_intervals", nargs="+", default=None, help="LOWEST:HIGHEST timesteps; default: the model's."
     )
+    parser.add_argument(
+        "--noise_scales",
+        type=float,
+        nargs="+",
+        default=None,
+        help="Factors on the sampler's noise; default: the model's.",
+    )
     parser.add_argument("--out", default="benchmarks/results/guidance.json")
     args = parser.parse_args()
 
@@ -49,28 +59,31 @@ def main() -> None:
     intervals = [pipe.config.get("guidance_interval")]
     if args.guidance_intervals:
         intervals = [[int(t) for t in i.split(":")] for i in args.guidance_intervals]
-    rows = []
+    noise_scales = args.noise_scales or [pipe.default_noise_scale]
+    rows, unguided = [], set()
     for name, guide in guides.items():
         for interval in intervals:
-            for scale in args.guidance_scales:
-                if scale == 1 and rows and rows[0]["guidance_scale"] == 1:
+            for scale, noise_scale in itertools.product(args.guidance_scales, noise_scales):
+                if scale == 1 and noise_scale in unguided:
                     continue  # no guidance: the same digits whatever the guide
+                unguided |= {noise_scale} if scale == 1 else set()
                 pipe.register_modules(guide_unet=guide)
-                pipe.register_to_config(guidance_interval=interval)
+                pipe.register_to_config(guidance_interval=interval, noise_scale=noise_scale)
                 start = time.perf_counter()
                 with sampling_precision(pipe.device):
                     digits = generate(pipe, args.num_samples, 0, 125, DEFAULT_SAMPLER[1], labels, guidance_scale=scale)
                 seconds = time.perf_counter() - start
-                row = {"guide": name, "guidance_interval": interval, "guidance_scale": scale, "seconds": seconds}
+                row = {"guide": name, "guidance_interval": interval, "guidance_scale": scale}
+                row.update(noise_scale=noise_scale, seconds=seconds)
                 rows.append({**row, **evaluate_digits(digits, real, labels)})
                 print(json.dumps({k: rows[-1].get(k) for k in (*row, "fid", "label_accuracy")}), flush=True)
-    print("\n| guide | guided timesteps | scale | FID | precision | recall | label accuracy | sampling seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| guide | guided timesteps | scale | noise scale | FID | precision | recall | label accuracy | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         accuracy = f"{r['label_accuracy']:.2%}" if "label_accuracy" in r else ""
         interval = "{}-{}".format(*r["guidance_interval"]) if r["guidance_interval"] else "all"
-        print(f"| {r['guide']} | {interval} | {r['guidance_scale']:g} | {r['fid']:.2f} | {r['precision']:.3f} | "
-              f"{r['recall']:.3f} | {accuracy} | {r['seconds']:.0f} |")  # fmt: skip
+        print(f"| {r['guide']} | {interval} | {r['guidance_scale']:g} | {r['noise_scale']:g} | {r['fid']:.2f} | "
+              f"{r['precision']:.3f} | {r['recall']:.3f} | {accuracy} | {r['seconds']:.0f} |")  # fmt: skip
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "sampler": DEFAULT_SAMPLER, "machine": machine, "rows": rows}, f, indent=2)
 

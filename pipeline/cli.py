@@ -11,7 +11,6 @@ import zipfile
 
 import numpy as np
 import torch
-from diffusers import LCMScheduler
 from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
@@ -72,7 +71,7 @@ def check_sample_outputs(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace) -> None:
     """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
     check_sample_outputs(args)
-    pipe, args.scheduler, steps = load_sampler(args.model, args.scheduler, args.num_inference_steps)
+    pipe, args.scheduler, steps = load_sampler(args.model, args.scheduler, args.num_inference_steps, args.noise_scale)
     labels = np.resize(args.class_labels, args.num_images) if args.class_labels else None
     print(
         f"Sampling {args.num_images:,} digits ({args.num_images * 28 * 28 / 2**20:,.0f} MiB); Ctrl-C keeps those done."
@@ -176,11 +175,7 @@ def resave(args: argparse.Namespace) -> None:
     pipe.scheduler.register_to_config(timestep_spacing="trailing")
     if args.guidance_interval is not None:
         pipe.register_to_config(guidance_interval=list(args.guidance_interval))
-    if args.noise_scale is not None:
-        if not isinstance(pipe.scheduler, LCMScheduler):
-            raise ValueError(
-                f"--noise_scale is for distilled (LCM) models; {args.model} samples with another sampler."
-            )
+    if args.noise_scale is not None:  # every folder's default sampler takes it (lcm, dpm++sde)
         pipe.register_to_config(noise_scale=args.noise_scale)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.model))) as tmp:
         pipe.save_pretrained(tmp, training_args=training_args, results=results or None)
@@ -207,7 +202,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.samples:
         digits = read_digits(args.samples)
     else:
-        pipe, args.scheduler, steps = load_sampler(args.model, args.scheduler, args.num_inference_steps)
+        pipe, args.scheduler, steps = load_sampler(
+            args.model, args.scheduler, args.num_inference_steps, args.noise_scale
+        )
         # A conditional model is asked for 0..9 in turn, and scored on whether it drew what was asked.
         labels = digit_cycle(args.num_samples) if pipe.conditioning != "none" else None
         with sampling_precision(pipe.device, args.precision):
@@ -217,7 +214,12 @@ def evaluate(args: argparse.Namespace) -> None:
             )  # fmt: skip
     results = evaluate_digits(digits, reference_features(args.dataset_name, args.split), labels)
     if args.model:
-        results.update(scheduler=args.scheduler, steps=steps, sampling_precision=args.precision)
+        results.update(
+            scheduler=args.scheduler,
+            steps=steps,
+            sampling_precision=args.precision,
+            noise_scale=pipe.default_noise_scale,
+        )
     results.update(model=args.model, samples=args.samples)
     if args.model and (labels is not None or pipe.guide_unet is not None):
         results["guidance_scale"] = args.guidance_scale
@@ -279,7 +281,7 @@ def visualize(args: argparse.Namespace) -> None:
 
 
 def add_sampler_options(parser: argparse.ArgumentParser) -> None:
-    """--scheduler, --num_inference_steps, --precision and --num_processes, shared by `sample` and `evaluate`."""
+    """--scheduler, --num_inference_steps, --noise_scale, --precision and --num_processes, for `sample` and `evaluate`."""
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
@@ -292,6 +294,12 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help=f"Default: the sampler's usual count ({DEFAULT_SAMPLER[1]}; 50 for ddpm; a distilled model's own for lcm).",
+    )
+    parser.add_argument(
+        "--noise_scale",
+        type=positive_float,
+        default=None,
+        help="Factor on a stochastic sampler's noise (lcm, dpm++sde), a temperature. Default: the model's own.",
     )
     parser.add_argument(
         "--precision",
@@ -399,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise_scale",
         type=positive_float,
         default=None,
-        help="Also set a distilled model's factor on its sampler's noise (a sampling setting; the weights stay).",
+        help="Also set the factor on its default sampler's noise (a temperature; a sampling setting, the weights stay).",
     )
     r.set_defaults(run=resave)
     return parser

@@ -118,4 +118,6 @@ def evaluation_results(evaluation: dict) -> dict:
     results["eval_num_samples"] = evaluation["num_samples"]
     if "scheduler" in evaluation:
         results["eval_sampler"] = f"{evaluation['scheduler']}, {evaluation['steps']} steps"
+        if evaluation.get("noise_scale", 1) != 1:
+            results["eval_sampler"] += f", noise scale {evaluation['noise_scale']}"
     return results

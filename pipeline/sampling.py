@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .data import looks_like_path
 from .model import NUM_CLASSES
-from .pipeline_mnist_diffusion import EXAMPLE_PROMPT, MNISTDiffusionPipeline, to_uint8
+from .pipeline_mnist_diffusion import EXAMPLE_PROMPT, MNISTDiffusionPipeline, scales_noise, to_uint8
 
 # The samplers `--scheduler` offers: a diffusers class and the settings that differ from its defaults.
 SCHEDULERS = {
@@ -93,13 +93,17 @@ def load_pipeline(model: str, scheduler: str | None = None) -> MNISTDiffusionPip
 
 
 def load_sampler(
-    model: str, scheduler: str | None = None, steps: int | None = None
+    model: str, scheduler: str | None = None, steps: int | None = None, noise_scale: float | None = None
 ) -> tuple[MNISTDiffusionPipeline, str, int]:
-    """A saved pipeline with the sampler asked for swapped in (default: its own choice, `sampler_settings`), the
-    sampler's name and the steps to take."""
+    """A saved pipeline with the sampler asked for swapped in (default: its own choice, `sampler_settings`) and its
+    noise scale if given (default: the folder's), the sampler's name and the steps to take."""
     pipe = load_pipeline(model)
     name, steps = sampler_settings(pipe, scheduler, steps)
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    if noise_scale is not None:
+        if not scales_noise(pipe.scheduler):
+            raise ValueError(f"A noise scale is for the stochastic samplers (lcm, dpm++sde), not {name}.")
+        pipe.register_to_config(noise_scale=noise_scale)
     return pipe, name, steps
 
 

@@ -53,6 +53,13 @@ def test_sample_defaults_to_the_recommended_sampler(model_dir, tmp_path, tiny_pi
     with sampling_precision(torch.device("cpu")):
         expected = generate(tiny_pipeline, 2, 0, 2, steps, progress=False)
     np.testing.assert_array_equal(np.load(npz)["images"], expected)
+    main(["sample", "--model", str(model_dir), "--num_images", "2", "--noise_scale", "0.8"]
+         + ["--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
+    tiny_pipeline.register_to_config(noise_scale=0.8)  # a temperature on the default sampler's noise
+    with sampling_precision(torch.device("cpu")):
+        scaled = generate(tiny_pipeline, 2, 0, 2, steps, progress=False)
+    np.testing.assert_array_equal(np.load(npz)["images"], scaled)
+    assert not np.array_equal(scaled, expected)
     main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "ddim"]
          + ["--num_inference_steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
     assert not np.array_equal(np.load(npz)["images"], expected)
@@ -170,6 +177,10 @@ def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, 
             "is a file; give a folder",
         ),
         (["evaluate", "--model", "{model}", "--num_samples", "3"], "--num_samples must be at least 4"),
+        (
+            ["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--scheduler", "ddpm", "--noise_scale", "0.9"],
+            "A noise scale is for the stochastic samplers (lcm, dpm++sde), not ddpm",
+        ),
         (
             ["visualize", "forward", "--model", "{model}", "--out", "{tmp}/f.png", "--dataset_name", "{mnist}"]
             + ["--split", "test", "--index", "32"],

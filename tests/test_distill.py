@@ -214,7 +214,7 @@ def test_student_noise_benchmark_sampler_is_lcm_at_gamma_1_and_noise_scale_1(mon
 
 def test_noise_scale_is_a_saved_sampling_setting_of_the_consistency_sampler(tiny_pipeline, tmp_path, monkeypatch):
     """`noise_scale` scales the LCM sampler's starting and fresh noise, as the benchmark measured it; `resave` saves it
-    as the folder's default; other samplers refuse it."""
+    as the folder's default; samplers that cannot take it refuse it."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from student_noise import NoiseLCMScheduler
 
@@ -235,7 +235,7 @@ def test_noise_scale_is_a_saved_sampling_setting_of_the_consistency_sampler(tiny
     loaded = MNISTDiffusionPipeline.from_pretrained(tmp_path / "fast")
     np.testing.assert_allclose(digits(loaded), scaled, atol=1e-6)
     np.testing.assert_allclose(digits(loaded, noise_scale=1.0), plain, atol=1e-6)
-    loaded.scheduler = DDPMScheduler.from_config(config)  # the saved default is the LCM sampler's only
+    loaded.scheduler = DDPMScheduler.from_config(config)  # the saved default is for samplers that take it only
     digits(loaded)
-    with pytest.raises(ValueError, match="consistency sampler"):
+    with pytest.raises(ValueError, match="stochastic samplers"):
         digits(loaded, noise_scale=0.8)

@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY_UNET, run_python
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipeline import MNISTDiffusionPipeline, check_unet_config, create_model_and_scheduler, image_grid
+from pipeline.cli import main
+from pipeline.sampling import make_scheduler
 
 
 def test_default_model_and_schedule():
@@ -157,6 +160,44 @@ def test_a_guide_of_another_kind_is_a_clear_error(tiny_pipeline):
         pipe(batch_size=1)
 
 
+class ScaledNoiseDPMSolver(DPMSolverMultistepScheduler):
+    """The reference for `noise_scale`: stochastic DPM-Solver++ whose own noise draws are scaled by 0.8."""
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        noise = randn_tensor(model_output.shape, generator=generator, dtype=torch.float32)
+        return super().step(model_output, timestep, sample, generator, 0.8 * noise, return_dict)
+
+
+def test_noise_scale_is_a_temperature_of_stochastic_dpm_solver(tiny_pipeline, tmp_path):
+    """With stochastic DPM-Solver++ `noise_scale` scales the starting noise and every draw of the step; `resave` saves
+    it as the folder's default, which the deterministic samplers ignore and refuse when asked."""
+
+    def digits(pipe, **kwargs):
+        generator = [torch.Generator().manual_seed(i) for i in range(2)]
+        return pipe(batch_size=2, generator=generator, num_inference_steps=5, output_type="np", **kwargs).images
+
+    config = tiny_pipeline.scheduler.config
+    pipe = MNISTDiffusionPipeline(unet=tiny_pipeline.unet, scheduler=make_scheduler("dpm++sde", config))
+    plain, scaled = digits(pipe), digits(pipe, noise_scale=0.8)
+    assert not np.allclose(plain, scaled)
+    reference = MNISTDiffusionPipeline(
+        unet=pipe.unet, scheduler=ScaledNoiseDPMSolver.from_config(pipe.scheduler.config)
+    )
+    reference.scheduler.init_noise_sigma = 0.8
+    np.testing.assert_allclose(scaled, digits(reference), atol=1e-5)
+    tiny_pipeline.save_pretrained(tmp_path)  # a folder that keeps the training scheduler, DDPM
+    main(["resave", "--model", str(tmp_path), "--noise_scale", "0.8"])
+    loaded = MNISTDiffusionPipeline.from_pretrained(tmp_path)
+    assert loaded.config.noise_scale == 0.8
+    loaded.scheduler = make_scheduler("dpm++sde", loaded.scheduler.config)
+    np.testing.assert_allclose(digits(loaded), scaled, atol=1e-5)
+    loaded.scheduler = make_scheduler("dpm++", config)  # the ODE: no noise to scale after the start
+    ode = MNISTDiffusionPipeline(unet=pipe.unet, scheduler=loaded.scheduler)
+    np.testing.assert_allclose(digits(loaded), digits(ode), atol=1e-6)
+    with pytest.raises(ValueError, match=r"stochastic samplers .* not DPMSolverMultistepScheduler \(dpmsolver\+\+\)"):
+        digits(loaded, noise_scale=0.8)
+
+
 def test_image_grid_is_nearest_neighbour():
     digits = np.zeros((3, 28, 28), dtype=np.uint8)
     digits[1, 0, 0] = 255
@@ -299,6 +340,7 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
     )
     # A later evaluation of the folder's model replaces the evaluation the card reports; the training figures stay.
     evaluation = {"num_samples": 10000, "fid": 4.46797, "precision": 0.7171, "scheduler": "dpm++sde", "steps": 20}
+    evaluation["noise_scale"] = 0.95
     (tmp_path / "eval.json").write_text(json.dumps(evaluation))
     (tmp_path / "pipeline_mnist_diffusion.py").write_text("# an older version\n")
     weights = (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -317,7 +359,7 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
             "| fid | `4.468` |",
             "| precision | `0.717` |",
             "| eval_num_samples | `10000` |",
-            "| eval_sampler | `dpm++sde, 20 steps` |",
+            "| eval_sampler | `dpm++sde, 20 steps, noise scale 0.95` |",
         )
     )
     assert "| fid | `9.0` |" not in card and card.index("## Results") < card.index("## Training settings")

@@ -20,6 +20,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     LCMScheduler,
     PNDMScheduler,
     UNet2DConditionModel,
@@ -79,6 +80,14 @@ def consistency_timesteps(num_train_timesteps: int, num_inference_steps: int) ->
     return trailing_timesteps(num_train_timesteps, num_inference_steps + 1)[:-1]
 
 
+def scales_noise(scheduler: Any) -> bool:
+    """Whether the pipeline can scale the sampler's fresh noise (`noise_scale`): the consistency sampler's, which it
+    rescales after each step, or stochastic DPM-Solver++'s, which it draws and hands to the step."""
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        return scheduler.config.algorithm_type.startswith("sde")
+    return isinstance(scheduler, LCMScheduler)
+
+
 def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) -> Image.Image:
     """Tile `(N, H, W)` uint8 images into one grayscale PIL grid, upscaled with nearest neighbour (never blurred)."""
     n, h, w = images.shape
@@ -123,9 +132,10 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         guidance_interval (`list[int]`, *optional*): the timesteps (lowest, highest) at which guidance is
             applied: autoguidance does nothing at the noisiest steps and over-sharpens at the cleanest, and each
             step outside saves the second UNet call. Defaults to every step.
-        noise_scale (`float`, *optional*): for the consistency sampler ([`LCMScheduler`]), a factor on its starting
-            noise and on the fresh noise of each step (a temperature): below 1 it trades a little diversity for
-            cleaner digits. Defaults to 1.
+        noise_scale (`float`, *optional*): for the stochastic samplers ([`LCMScheduler`], and
+            [`DPMSolverMultistepScheduler`] with an `sde-` algorithm type), a factor on the starting noise and on the
+            fresh noise of each step (a temperature): below 1 it trades a little diversity for cleaner digits.
+            Defaults to 1.
 
     Example:
 
@@ -169,6 +179,11 @@ class MNISTDiffusionPipeline(DDPMPipeline):
     def default_num_inference_steps(self) -> int:
         """The steps `__call__` takes when not told: a distilled model's few, else the training steps."""
         return self.config.get("default_num_inference_steps") or self.scheduler.config.num_train_timesteps
+
+    @property
+    def default_noise_scale(self) -> float:
+        """The noise scale `__call__` uses when not told: the pipeline's `noise_scale` where the sampler takes one."""
+        return (self.config.get("noise_scale") or 1.0) if scales_noise(self.scheduler) else 1.0
 
     @property
     def conditioning(self) -> str:
@@ -285,10 +300,11 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             raise ValueError(f"`guidance_interval` must be two timesteps (lowest, highest), got {interval}.")
         if not noise_scale > 0:
             raise ValueError(f"`noise_scale` must be positive, got {noise_scale}.")
-        if noise_scale != 1 and not isinstance(self.scheduler, LCMScheduler):
+        if noise_scale != 1 and not scales_noise(self.scheduler):
             raise ValueError(
-                f"`noise_scale` applies to the consistency sampler (LCMScheduler), not {type(self.scheduler).__name__}; "
-                "leave it at 1."
+                "`noise_scale` applies to the stochastic samplers whose noise the pipeline can scale (LCMScheduler, "
+                f"DPMSolverMultistepScheduler with an sde- algorithm_type), not {type(self.scheduler).__name__} "
+                f"({self.scheduler.config.get('algorithm_type', 'its own noise')}); leave it at 1."
             )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
@@ -370,8 +386,9 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             guidance_scale (`float`, defaults to 2.0): guidance weight `w` in `weak + w * (unet - weak)`, where the
                 weak prediction is `guide_unet`'s if the pipeline has one (autoguidance), else the UNet's without the
                 labels or prompt (classifier-free guidance); 1 means no guidance. Ignored with neither.
-            noise_scale (`float`, *optional*): the consistency sampler's factor on its starting and fresh noise;
-                defaults to the pipeline's `noise_scale` with an [`LCMScheduler`], else 1 (other samplers take only 1).
+            noise_scale (`float`, *optional*): a stochastic sampler's factor on its starting and fresh noise;
+                defaults to the pipeline's `noise_scale` with a sampler that takes it (LCM, DPM-Solver++ SDE), else 1
+                (other samplers take only 1).
             latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`; drawn from
                 `generator` if not given.
             output_type (`str`, defaults to `"pil"`): `"pil"` (mode "L" images), `"np"` (N, 28, 28, 1) floats in
@@ -408,7 +425,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             for values in (class_labels, prompt, negative_prompt)
         )
         if noise_scale is None:
-            noise_scale = (self.config.get("noise_scale") or 1.0) if isinstance(self.scheduler, LCMScheduler) else 1.0
+            noise_scale = self.default_noise_scale
         self.check_inputs(
             batch_size, num_inference_steps, timesteps, generator, output_type, callback_on_step_end_tensor_inputs,
             class_labels, prompt, negative_prompt, guidance_scale, noise_scale,
@@ -437,6 +454,9 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         )
 
+        scale_lcm = noise_scale != 1 and isinstance(self.scheduler, LCMScheduler)
+        scale_draws = noise_scale != 1 and not scale_lcm  # stochastic DPM-Solver++ takes its noise from the pipeline
+
         self._interrupt = False
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
@@ -453,9 +473,12 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 if autoguide and guided:
                     weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **condition).sample.float()
             model_output = conditioned if weak is None else weak + guidance_scale * (conditioned - weak)
+            if scale_draws:
+                noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
+                step_kwargs["variance_noise"] = noise_scale * noise
             output = self.scheduler.step(model_output, t, latents, **step_kwargs)
             latents = output.prev_sample
-            if noise_scale != 1 and i + 1 < len(timesteps):  # LCM: x_next = a x_0 + s z; scale s z alone
+            if scale_lcm and i + 1 < len(timesteps):  # LCM: x_next = a x_0 + s z; scale s z alone
                 alpha = self.scheduler.alphas_cumprod[timesteps[i + 1]].sqrt().to(latents.device)
                 latents = alpha * output.denoised + noise_scale * (latents - alpha * output.denoised)
             if callback_on_step_end is not None:
