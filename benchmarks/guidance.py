@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Guidance: FID (and label accuracy) against the guidance scale, the guide, the guided timesteps and the sampler's
-noise scale, with the sampling time. Classifier-free guidance for a conditional pipeline (digit i is asked to be i % 10), autoguidance for
-one with a `guide_unet`; the default sampler of `mnist-diffusion sample` draws the digits, seeds 0..N-1.
+noise scale, with the sampling time. Classifier-free guidance for a conditional pipeline (digit i is asked to be
+i % 10), autoguidance for one with a `guide_unet`; the default sampler of `mnist-diffusion sample` draws the digits,
+seeds 0..N-1.
 
     python benchmarks/guidance.py --model pretrained/ddpm-mnist-cond --dataset_name ylecun/mnist --num_samples 1000
     python benchmarks/guidance.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 2000 \\
         --guidance_scales 1 1.5 2 2.5 --guidance_intervals 0:49 0:45 0:38 \\
         --guides epoch1=pretrained/ddpm-mnist/guide_unet epoch2=pretrained/ddpm-mnist/checkpoint-1874/unet_ema \\
         --out benchmarks/results/autoguidance.json
-    python benchmarks/guidance.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 2000 \
+    python benchmarks/guidance.py --model pretrained/ddpm-mnist --dataset_name ylecun/mnist --num_samples 2000 \\
         --guidance_scales 2 --noise_scales 1 0.97 0.94 0.91 --out benchmarks/results/autoguidance_noise.json
 """
 

@@ -191,7 +191,7 @@ def test_noise_scale_is_a_temperature_of_stochastic_dpm_solver(tiny_pipeline, tm
     assert loaded.config.noise_scale == 0.8
     loaded.scheduler = make_scheduler("dpm++sde", loaded.scheduler.config)
     np.testing.assert_allclose(digits(loaded), scaled, atol=1e-5)
-    loaded.scheduler = make_scheduler("dpm++", config)  # the ODE: no noise to scale after the start
+    loaded.scheduler = make_scheduler("dpm++", config)  # the ODE takes no noise scale: the folder's is ignored
     ode = MNISTDiffusionPipeline(unet=pipe.unet, scheduler=loaded.scheduler)
     np.testing.assert_allclose(digits(loaded), digits(ode), atol=1e-6)
     with pytest.raises(ValueError, match=r"stochastic samplers .* not DPMSolverMultistepScheduler \(dpmsolver\+\+\)"):
