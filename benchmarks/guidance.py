@@ -65,9 +65,10 @@ def main() -> None:
     for name, guide in guides.items():
         for interval in intervals:
             for scale, noise_scale in itertools.product(args.guidance_scales, noise_scales):
-                if scale == 1 and noise_scale in unguided:
-                    continue  # no guidance: the same digits whatever the guide
-                unguided |= {noise_scale} if scale == 1 else set()
+                if scale == 1:  # no guidance: the same digits whatever the guide and interval
+                    if noise_scale in unguided:
+                        continue
+                    unguided.add(noise_scale)
                 pipe.register_modules(guide_unet=guide)
                 pipe.register_to_config(guidance_interval=interval, noise_scale=noise_scale)
                 start = time.perf_counter()
