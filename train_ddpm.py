@@ -71,6 +71,7 @@ logger = get_logger(__name__)
 DISTILL_SETTINGS = (
     "distill_from", "num_ddim_timesteps", "loss_type", "huber_c", "ema_decay", "timestep_scaling_factor",
     "num_inference_steps", "guidance_scale", "adversarial_weight", "discriminator_learning_rate",
+    "distribution_matching_weight", "fake_score_learning_rate",
 )  # fmt: skip
 
 
@@ -237,6 +238,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     distill.add_argument(
         "--discriminator_learning_rate", type=float, default=2e-4, help="Adam's learning rate for the discriminator."
     )
+    distill.add_argument(
+        "--distribution_matching_weight",
+        type=float,
+        default=0.0,
+        help="Also pull the student's digits towards the guided teacher's distribution (DMD2's distribution "
+        "matching, against a fake score trained beside it) at this weight (0: off). It helps 2 steps and costs 4, "
+        "the default (docs/speed.md).",
+    )
+    distill.add_argument(
+        "--fake_score_learning_rate", type=float, default=1e-4, help="AdamW's learning rate for the fake score."
+    )
 
     out = parser.add_argument_group("logging, checkpoints and the Hub")
     out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
@@ -283,8 +295,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             f"--adversarial_weight must be 0 or positive, and needs --distill_from; got {args.adversarial_weight}."
         )
-    if args.discriminator_learning_rate <= 0:
-        parser.error(f"--discriminator_learning_rate must be positive, got {args.discriminator_learning_rate}.")
+    if args.distribution_matching_weight < 0 or (args.distribution_matching_weight and not args.distill_from):
+        parser.error(
+            "--distribution_matching_weight must be 0 or positive, and needs --distill_from; got "
+            f"{args.distribution_matching_weight}."
+        )
+    for name in ("discriminator_learning_rate", "fake_score_learning_rate"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}.")
     if not 0 <= args.ema_decay < 1:
         parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
     if not 0 <= args.condition_dropout < 1:
@@ -587,7 +605,7 @@ def main(args: argparse.Namespace) -> None:
 
     # Optimizer, LR schedule, EMA and the objective.
     optimizer, lr_scheduler, ema_model = make_optimization(args, model, max_train_steps)
-    target = discriminator = discriminator_optimizer = None
+    target = discriminator = discriminator_optimizer = fake_score = fake_score_optimizer = None
     if teacher is not None:
         # The consistency target: an EMA of the student (decay --ema_decay), a frozen copy of it between updates.
         target = copy.deepcopy(model).requires_grad_(False).eval().to(device)
@@ -596,6 +614,9 @@ def main(args: argparse.Namespace) -> None:
             discriminator_optimizer = torch.optim.Adam(
                 discriminator.parameters(), lr=args.discriminator_learning_rate, betas=(0.5, 0.999)
             )
+        if args.distribution_matching_weight:  # DMD2 starts the fake score as a copy of the teacher
+            fake_score = copy.deepcopy(teacher.unet).requires_grad_(True).train()
+            fake_score_optimizer = torch.optim.AdamW(fake_score.parameters(), lr=args.fake_score_learning_rate)
         loss_fn = ConsistencyDistillationLoss(
             noise_scheduler,
             teacher.unet,
@@ -607,6 +628,8 @@ def main(args: argparse.Namespace) -> None:
             guidance_interval=teacher.config.get("guidance_interval"),
             discriminator=discriminator,
             adversarial_weight=args.adversarial_weight,
+            fake_score=fake_score,
+            distribution_matching_weight=args.distribution_matching_weight,
             sampling_timesteps=consistency_timesteps(
                 noise_scheduler.config.num_train_timesteps, args.num_inference_steps
             ),
@@ -671,6 +694,9 @@ def main(args: argparse.Namespace) -> None:
     if discriminator is not None:  # prepared after the student, so that checkpoints name the student as before
         discriminator, discriminator_optimizer = accelerator.prepare(discriminator, discriminator_optimizer)
         loss_fn.discriminator = discriminator
+    if fake_score is not None:
+        fake_score, fake_score_optimizer = accelerator.prepare(fake_score, fake_score_optimizer)
+        loss_fn.fake_score = fake_score
     if ema_model is not None:
         ema_model.to(device)
     global_step = 0
@@ -743,9 +769,10 @@ def main(args: argparse.Namespace) -> None:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if discriminator_optimizer is not None:
-                    discriminator_optimizer.step()
-                    discriminator_optimizer.zero_grad(set_to_none=True)
+                for other in (discriminator_optimizer, fake_score_optimizer):
+                    if other is not None:
+                        other.step()
+                        other.zero_grad(set_to_none=True)
             step_loss += loss.detach() / args.gradient_accumulation_steps
 
         lr_scheduler.step()

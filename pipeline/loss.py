@@ -1,5 +1,6 @@
 """The training objectives: denoising (which noise levels, what noise, what target, what weights) and consistency
-distillation of a trained model into a few-step one, with an optional adversarial term and its discriminator."""
+distillation of a trained model into a few-step one, with optional adversarial and distribution-matching terms and the
+networks they train beside the student."""
 
 from dataclasses import dataclass
 
@@ -134,7 +135,14 @@ class ConsistencyDistillationLoss:
     its `sampling_timesteps` without gradients, as its sampler does (DMD2's backward simulation), then makes its
     next jump to a digit with them; the non-saturating GAN loss of that digit, at `adversarial_weight`, pushes the
     student, and the discriminator's logistic loss is added to the returned loss. The two terms' parameters are
-    disjoint (the student's term sees the discriminator's weights detached), so one backward pass trains both."""
+    disjoint (the student's term sees the discriminator's weights detached), so one backward pass trains both.
+
+    With a `fake_score` (a trainable copy of the teacher's UNet), the same digits are also pulled towards the guided
+    teacher's distribution by distribution matching (DMD, Yin et al. 2023, as DMD2 does it): noised to a random
+    timestep, the difference between the fake score's denoised digit and the teacher's is the gradient of the KL
+    divergence between the student's distribution and the teacher's, applied at `distribution_matching_weight`;
+    the fake score learns the denoising loss on the student's digits (detached) in the same backward pass, so that
+    it keeps tracking what the student draws."""
 
     scheduler: LCMScheduler
     teacher: torch.nn.Module
@@ -147,6 +155,8 @@ class ConsistencyDistillationLoss:
     discriminator: torch.nn.Module | None = None
     adversarial_weight: float = 0.0
     sampling_timesteps: list[int] | None = None
+    fake_score: torch.nn.Module | None = None
+    distribution_matching_weight: float = 0.0
 
     def __post_init__(self) -> None:
         num_train_timesteps = self.scheduler.config.num_train_timesteps
@@ -155,9 +165,10 @@ class ConsistencyDistillationLoss:
                 f"num_ddim_timesteps must divide the teacher's {num_train_timesteps} training steps, "
                 f"got {self.num_ddim_timesteps}."
             )
-        if self.discriminator is not None and not self.sampling_timesteps:
+        if (self.discriminator is not None or self.fake_score is not None) and not self.sampling_timesteps:
             raise ValueError(
-                "An adversarial term needs the student's sampling_timesteps, where its fake digits come from."
+                "Adversarial and distribution-matching terms need the student's sampling_timesteps, where its fake "
+                "digits come from."
             )
         self.skip = num_train_timesteps // self.num_ddim_timesteps
         # The grid LCMScheduler samples on (its `original_inference_steps`): skip - 1, 2 skip - 1, ..., T - 1.
@@ -198,20 +209,14 @@ class ConsistencyDistillationLoss:
         condition = condition or {}
         noisy_images = self.scheduler.add_noise(clean_images, noise, start)
         inputs, timesteps = noisy_images, start
-        if self.discriminator is not None:
+        judged = self.discriminator is not None or self.fake_score is not None
+        if judged:
             chain, chain_timesteps = self.student_chain(model, clean_images, generator, shard)
             inputs, timesteps = torch.cat([noisy_images, chain]), torch.cat([start, chain_timesteps])
         output = model(inputs, timesteps, **condition).sample.float()  # one call: DDP allows one per backward
         prediction, _, _ = self.consistency(output[:size], noisy_images, start)
         with torch.no_grad():
-            teacher_output = self.teacher(noisy_images, start, **condition).sample.float()
-            if self.guide is not None and self.guidance_scale != 1:
-                weak = self.guide(noisy_images, start, **condition).sample.float()
-                lowest, highest = self.guidance_interval or (0, self.scheduler.config.num_train_timesteps)
-                guided = ((start >= lowest) & (start <= highest)).view(-1, 1, 1, 1)
-                teacher_output = torch.where(
-                    guided, weak + self.guidance_scale * (teacher_output - weak), teacher_output
-                )
+            teacher_output = self.guided_teacher(noisy_images, start, condition)
             _, x_0, teacher_noise = self.consistency(teacher_output, noisy_images, start)
             # One DDIM step of the teacher, from the start point to the previous point on the grid.
             alphas_cumprod = self.scheduler.alphas_cumprod.to(device)[previous].view(-1, 1, 1, 1)
@@ -223,10 +228,24 @@ class ConsistencyDistillationLoss:
             loss = F.mse_loss(prediction, target)
         else:
             loss = (torch.sqrt((prediction - target) ** 2 + self.huber_c**2) - self.huber_c).mean()
-        if self.discriminator is None:
+        if not judged:
             return loss
         fake = self.consistency(output[size:], chain, chain_timesteps)[1]
-        return loss + self.adversarial_loss(clean_images, fake)
+        if self.discriminator is not None:
+            loss = loss + self.adversarial_loss(clean_images, fake)
+        if self.fake_score is not None:
+            loss = loss + self.distribution_matching_loss(fake, generator, shard)
+        return loss
+
+    def guided_teacher(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: dict) -> torch.Tensor:
+        """The teacher's prediction, autoguided at `guidance_scale` on the timesteps of `guidance_interval`."""
+        output = self.teacher(sample, timesteps, **condition).sample.float()
+        if self.guide is None or self.guidance_scale == 1:
+            return output
+        weak = self.guide(sample, timesteps, **condition).sample.float()
+        lowest, highest = self.guidance_interval or (0, self.scheduler.config.num_train_timesteps)
+        guided = ((timesteps >= lowest) & (timesteps <= highest)).view(-1, 1, 1, 1)
+        return torch.where(guided, weak + self.guidance_scale * (output - weak), output)
 
     @torch.no_grad()
     def student_chain(
@@ -248,6 +267,32 @@ class ConsistencyDistillationLoss:
             alpha = alphas_cumprod[timesteps[i + 1]]
             sample = alpha.sqrt() * denoised + (1 - alpha).sqrt() * draws[i + 1, part]
         return sample, torch.full((size,), timesteps[steps], device=device)
+
+    def distribution_matching_loss(
+        self, fake: torch.Tensor, generator: torch.Generator, shard: tuple[int, int]
+    ) -> torch.Tensor:
+        """The student's distribution-matching loss at `distribution_matching_weight` plus the fake score's
+        denoising loss, on the student's digits `fake`."""
+        device, size = fake.device, len(fake)
+        part = slice(shard[0] * size, (shard[0] + 1) * size)
+        noise = torch.randn((size * shard[1], *fake.shape[1:]), generator=generator, device=device)[part]
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train_timesteps, (size * shard[1],), generator=generator, device=device)[part]
+        digits = fake.detach()
+        noisy = self.scheduler.add_noise(digits, noise, timesteps)
+        fake_output = self.fake_score(noisy, timesteps).sample.float()  # one call: DDP allows one per backward
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1)
+        velocity = alphas_cumprod.sqrt() * noise - (1 - alphas_cumprod).sqrt() * digits
+        target = {"v_prediction": velocity, "epsilon": noise, "sample": digits}[self.scheduler.config.prediction_type]
+        denoising = F.mse_loss(fake_output, target)
+        with torch.no_grad():
+            real_x_0 = self.consistency(self.guided_teacher(noisy, timesteps, {}), noisy, timesteps)[1]
+            fake_x_0 = self.consistency(fake_output.detach(), noisy, timesteps)[1]
+            # DMD's normalisation: the step is relative to how far the teacher's digit is from the student's.
+            scale = (digits - real_x_0).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-4)
+            gradient = (fake_x_0 - real_x_0) / scale
+        matching = 0.5 * F.mse_loss(fake.float(), (fake - gradient).detach().float())
+        return self.distribution_matching_weight * matching + denoising
 
     def adversarial_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """The student's GAN loss at `adversarial_weight` plus the discriminator's own, on one batch."""

@@ -60,10 +60,12 @@ def test_student_saves_its_scheduler_and_samples_in_its_few_steps(mnist_dir, tea
     assert (results["scheduler"], results["steps"]) == ("lcm", 3)
 
 
-@pytest.mark.parametrize("weight", ["0", "0.1"], ids=["lcm", "adversarial"])
-def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, weight):
+@pytest.mark.parametrize(
+    "flags", [["--adversarial_weight", "0"], [], ["--distribution_matching_weight", "1"]],
+    ids=["lcm", "adversarial", "distribution-matching"],
+)  # fmt: skip
+def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, flags):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ["--adversarial_weight", weight]
     train(*distill_args(mnist_dir, teacher, straight, "--max_train_steps", "4", "--checkpointing_steps", "4", *flags))
     train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "2", "--checkpointing_steps", "2", *flags))
     train(*distill_args(mnist_dir, teacher, resumed, "--max_train_steps", "4", "--checkpointing_steps", "2",
@@ -73,10 +75,10 @@ def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, weight):
         straight / "unet" / "diffusion_pytorch_model.safetensors",
         resumed / "unet" / "diffusion_pytorch_model.safetensors",
     )
-    # The discriminator (the second prepared model) is saved and restored with the student.
-    adversarial = weight != "0"
-    assert (resumed / "checkpoint-2" / "model_1.safetensors").exists() == adversarial
-    for name in ("model.safetensors", "model_1.safetensors")[: 1 + adversarial]:
+    # The discriminator and the fake score (the prepared models after the student) are saved and restored with it.
+    models = 1 + (flags != ["--adversarial_weight", "0"]) + ("--distribution_matching_weight" in flags)
+    assert not (resumed / "checkpoint-2" / f"model_{models}.safetensors").exists()
+    for name in ["model.safetensors", *(f"model_{i}.safetensors" for i in range(1, models))]:
         assert_same_weights(straight / "checkpoint-4" / name, resumed / "checkpoint-4" / name)
 
 
@@ -90,9 +92,8 @@ def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher
     cond = tmp_path / "cond"
     train(*base_args(mnist_dir, tiny_unet_config, cond, "--max_train_steps", "1", "--conditioning", "class"))
     assert "class-conditional" in cli_error(capsys, *distill_args(mnist_dir, cond, out))
-    assert "needs --distill_from" in cli_error(
-        capsys, *base_args(mnist_dir, tiny_unet_config, out, "--adversarial_weight", "1")
-    )
+    for flag in ("--adversarial_weight", "--distribution_matching_weight"):
+        assert "needs --distill_from" in cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, flag, "1"))
     fast = tmp_path / "fast"
     train(*distill_args(mnist_dir, teacher, fast, "--max_train_steps", "1"))
     assert "distil from the model that was trained" in cli_error(capsys, *distill_args(mnist_dir, fast, out))
@@ -178,6 +179,34 @@ def test_the_adversarial_term_trains_the_student_and_the_discriminator_each_on_i
     assert plain_critic.abs().sum() > 0
     with pytest.raises(ValueError, match="sampling_timesteps"):
         ConsistencyDistillationLoss(scheduler, teacher, target, discriminator=discriminator)
+
+
+def test_distribution_matching_trains_the_student_and_the_fake_score_each_on_its_own_loss(tiny_pipeline):
+    scheduler = LCMScheduler.from_config(tiny_pipeline.scheduler.config)
+    student = tiny_pipeline.unet
+    teacher, target = (copy.deepcopy(student).requires_grad_(False) for _ in range(2))
+    torch.manual_seed(0)
+    fake_score = type(student)(**student.config)  # unlike the teacher, so that the matching gradient is not zero
+    images = torch.rand(4, 1, 28, 28) * 2 - 1
+
+    def gradients(weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        student.zero_grad(), fake_score.zero_grad()
+        loss = ConsistencyDistillationLoss(
+            scheduler, teacher, target, fake_score=fake_score, distribution_matching_weight=weight,
+            sampling_timesteps=[49, 32],
+        )  # fmt: skip
+        loss(student, images, torch.Generator().manual_seed(0)).backward()
+        return tuple(torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (student, fake_score))
+
+    plain_student, plain_fake = gradients(0.0)
+    matched_student, matched_fake = gradients(1.0)
+    # The fake score's denoising loss does not reach the student, the matching loss does not reach the fake score.
+    assert not torch.allclose(plain_student, matched_student)
+    torch.testing.assert_close(plain_fake, matched_fake)
+    assert plain_fake.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="sampling_timesteps"):
+        ConsistencyDistillationLoss(scheduler, teacher, target, fake_score=fake_score)
 
 
 def test_student_noise_benchmark_sampler_is_lcm_at_gamma_1_and_noise_scale_1(monkeypatch):
