@@ -281,10 +281,7 @@ class ConsistencyDistillationLoss:
         digits = fake.detach()
         noisy = self.scheduler.add_noise(digits, noise, timesteps)
         fake_output = self.fake_score(noisy, timesteps).sample.float()  # one call: DDP allows one per backward
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(device)[timesteps].view(-1, 1, 1, 1)
-        velocity = alphas_cumprod.sqrt() * noise - (1 - alphas_cumprod).sqrt() * digits
-        target = {"v_prediction": velocity, "epsilon": noise, "sample": digits}[self.scheduler.config.prediction_type]
-        denoising = F.mse_loss(fake_output, target)
+        denoising = F.mse_loss(fake_output, DiffusionLoss(self.scheduler).target(digits, noise, timesteps))
         with torch.no_grad():
             real_x_0 = self.consistency(self.guided_teacher(noisy, timesteps, {}), noisy, timesteps)[1]
             fake_x_0 = self.consistency(fake_output.detach(), noisy, timesteps)[1]
