@@ -78,7 +78,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
-    """Each in-process run builds its Accelerator from scratch."""
+    """Each in-process run builds its Accelerator from scratch (before too: a module fixture may have trained)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
 

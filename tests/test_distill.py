@@ -2,6 +2,9 @@
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,6 +83,24 @@ def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, flags):
     assert not (resumed / "checkpoint-2" / f"model_{models}.safetensors").exists()
     for name in ["model.safetensors", *(f"model_{i}.safetensors" for i in range(1, models))]:
         assert_same_weights(straight / "checkpoint-4" / name, resumed / "checkpoint-4" / name)
+
+
+def test_two_cpu_processes_distil_what_one_process_distils(mnist_dir, teacher, tmp_path):
+    # All three terms; Adam's epsilon 1 keeps steps proportional to gradients (test_distributed.py says why).
+    flags = ["--max_train_steps", "3", "--checkpointing_steps", "3", "--mixed_precision", "no", "--adam_epsilon", "1"]
+    flags += ["--distribution_matching_weight", "1", "--learning_rate", "1e-2"]  # a rate that moves the student
+    single = tmp_path / "single"
+    train(*distill_args(mnist_dir, teacher, single, *flags), "--train_batch_size", "32")
+    ddp = tmp_path / "ddp"  # 2 processes of 16 digits each: the same global batch
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(ROOT / "train_ddpm.py"), *distill_args(mnist_dir, teacher, ddp, *flags)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The student (model), and the discriminator beside it (model_1), end where one process's did. The fake score (model_2)
+    # is left out: its AdamW's epsilon turns rounding noise in biases that GroupNorm cancels into full steps.
+    for name in ("model.safetensors", "model_1.safetensors"):
+        assert_same_weights(ddp / "checkpoint-3" / name, single / "checkpoint-3" / name)
 
 
 def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher, tmp_path, capsys):
