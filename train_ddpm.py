@@ -616,7 +616,9 @@ def main(args: argparse.Namespace) -> None:
             )
         if args.distribution_matching_weight:  # DMD2 starts the fake score as a copy of the teacher
             fake_score = copy.deepcopy(teacher.unet).requires_grad_(True).train()
-            fake_score_optimizer = torch.optim.AdamW(fake_score.parameters(), lr=args.fake_score_learning_rate)
+            fake_score_optimizer = torch.optim.AdamW(
+                fake_score.parameters(), lr=args.fake_score_learning_rate, eps=args.adam_epsilon
+            )
         loss_fn = ConsistencyDistillationLoss(
             noise_scheduler,
             teacher.unet,
