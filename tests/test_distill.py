@@ -86,9 +86,10 @@ def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, flags):
 
 
 def test_two_cpu_processes_distil_what_one_process_distils(mnist_dir, teacher, tmp_path):
-    # All three terms; Adam's epsilon 1 keeps steps proportional to gradients (test_distributed.py says why).
+    # All three terms; Adam's epsilon 1 keeps steps proportional to gradients (test_distributed.py says why), and
+    # the learning rates are high enough to move the student and the fake score well past the tolerance.
     flags = ["--max_train_steps", "3", "--checkpointing_steps", "3", "--mixed_precision", "no", "--adam_epsilon", "1"]
-    flags += ["--distribution_matching_weight", "1", "--learning_rate", "1e-2"]  # a rate that moves the student
+    flags += ["--distribution_matching_weight", "1", "--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2"]
     single = tmp_path / "single"
     train(*distill_args(mnist_dir, teacher, single, *flags), "--train_batch_size", "32")
     ddp = tmp_path / "ddp"  # 2 processes of 16 digits each: the same global batch
