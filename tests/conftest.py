@@ -4,6 +4,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may wait on the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # two workers on two cores: spinning OpenMP threads would fight each other
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import io  # noqa: E402
 import json  # noqa: E402
