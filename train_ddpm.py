@@ -71,7 +71,7 @@ logger = get_logger(__name__)
 DISTILL_SETTINGS = (
     "distill_from", "num_ddim_timesteps", "loss_type", "huber_c", "ema_decay", "timestep_scaling_factor",
     "num_inference_steps", "guidance_scale", "adversarial_weight", "discriminator_learning_rate",
-    "distribution_matching_weight", "fake_score_learning_rate",
+    "distribution_matching_weight", "fake_score_learning_rate", "fake_score_updates",
 )  # fmt: skip
 
 
@@ -249,6 +249,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     distill.add_argument(
         "--fake_score_learning_rate", type=float, default=1e-4, help="AdamW's learning rate for the fake score."
     )
+    distill.add_argument(
+        "--fake_score_updates",
+        type=int,
+        default=1,
+        help="Fake-score updates per student update, the extra ones on fresh digits of the student's sampler "
+        "(DMD2's two time-scale rule, its dfake_gen_update_ratio; it takes 5).",
+    )
 
     out = parser.add_argument_group("logging, checkpoints and the Hub")
     out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
@@ -299,6 +306,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--distribution_matching_weight must be 0 or positive, and needs --distill_from; got "
             f"{args.distribution_matching_weight}."
+        )
+    if args.fake_score_updates < 1 or (args.fake_score_updates > 1 and not args.distribution_matching_weight):
+        parser.error(
+            f"--fake_score_updates must be 1 or more, and more than 1 needs --distribution_matching_weight; got "
+            f"{args.fake_score_updates}."
         )
     for name in ("discriminator_learning_rate", "fake_score_learning_rate"):
         if getattr(args, name) <= 0:
@@ -764,6 +776,12 @@ def main(args: argparse.Namespace) -> None:
                 )
                 template = templates[shard[0] * len(batch) : (shard[0] + 1) * len(batch)]
                 condition["encoder_hidden_states"] = captions[labels[batch], template]
+            for update in range(1, args.fake_score_updates if micro_step == 0 else 1):
+                fake_generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, 0, update))
+                with accelerator.autocast():
+                    accelerator.backward(loss_fn.fake_score_loss(model, clean_images, fake_generator, shard))
+                fake_score_optimizer.step()
+                fake_score_optimizer.zero_grad(set_to_none=True)
             with accelerator.accumulate(model), accelerator.autocast():  # autocast: the teacher's calls too
                 loss = loss_fn(model, clean_images, generator, condition, null_condition, shard)
                 accelerator.backward(loss)

@@ -273,15 +273,8 @@ class ConsistencyDistillationLoss:
     ) -> torch.Tensor:
         """The student's distribution-matching loss at `distribution_matching_weight` plus the fake score's
         denoising loss, on the student's digits `fake`."""
-        device, size = fake.device, len(fake)
-        part = slice(shard[0] * size, (shard[0] + 1) * size)
-        noise = torch.randn((size * shard[1], *fake.shape[1:]), generator=generator, device=device)[part]
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, num_train_timesteps, (size * shard[1],), generator=generator, device=device)[part]
         digits = fake.detach()
-        noisy = self.scheduler.add_noise(digits, noise, timesteps)
-        fake_output = self.fake_score(noisy, timesteps).sample.float()  # one call: DDP allows one per backward
-        denoising = F.mse_loss(fake_output, DiffusionLoss(self.scheduler).target(digits, noise, timesteps))
+        noisy, timesteps, fake_output, denoising = self.fake_score_denoising(digits, generator, shard)
         with torch.no_grad():
             real_x_0 = self.consistency(self.guided_teacher(noisy, timesteps, {}), noisy, timesteps)[1]
             fake_x_0 = self.consistency(fake_output.detach(), noisy, timesteps)[1]
@@ -290,6 +283,28 @@ class ConsistencyDistillationLoss:
             gradient = (fake_x_0 - real_x_0) / scale
         matching = 0.5 * F.mse_loss(fake.float(), (fake - gradient).detach().float())
         return self.distribution_matching_weight * matching + denoising
+
+    def fake_score_loss(
+        self, model: torch.nn.Module, clean_images: torch.Tensor, generator: torch.Generator, shard: tuple[int, int]
+    ) -> torch.Tensor:
+        """The fake score's denoising loss alone, on fresh digits of the student's sampler: DMD2's extra fake-score
+        updates between two of the student's, so that the fake score keeps up with it."""
+        with torch.no_grad():
+            chain, timesteps = self.student_chain(model, clean_images, generator, shard)
+            fake = self.consistency(model(chain, timesteps).sample.float(), chain, timesteps)[1]
+        return self.fake_score_denoising(fake, generator, shard)[3]
+
+    def fake_score_denoising(self, digits: torch.Tensor, generator: torch.Generator, shard: tuple[int, int]) -> tuple:
+        """`digits` noised to random timesteps, the timesteps, the fake score's output there and its denoising loss."""
+        device, size = digits.device, len(digits)
+        part = slice(shard[0] * size, (shard[0] + 1) * size)
+        noise = torch.randn((size * shard[1], *digits.shape[1:]), generator=generator, device=device)[part]
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_train_timesteps, (size * shard[1],), generator=generator, device=device)[part]
+        noisy = self.scheduler.add_noise(digits, noise, timesteps)
+        fake_output = self.fake_score(noisy, timesteps).sample.float()  # one call: DDP allows one per backward
+        denoising = F.mse_loss(fake_output, DiffusionLoss(self.scheduler).target(digits, noise, timesteps))
+        return noisy, timesteps, fake_output, denoising
 
     def adversarial_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         """The student's GAN loss at `adversarial_weight` plus the discriminator's own, on one batch."""

@@ -64,7 +64,7 @@ def test_student_saves_its_scheduler_and_samples_in_its_few_steps(mnist_dir, tea
 
 
 @pytest.mark.parametrize(
-    "flags", [["--adversarial_weight", "0"], [], ["--distribution_matching_weight", "1"]],
+    "flags", [["--adversarial_weight", "0"], [], ["--distribution_matching_weight", "1", "--fake_score_updates", "2"]],
     ids=["lcm", "adversarial", "distribution-matching"],
 )  # fmt: skip
 def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, flags):
@@ -86,10 +86,12 @@ def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, flags):
 
 
 def test_two_cpu_processes_distil_what_one_process_distils(mnist_dir, teacher, tmp_path):
-    # All three terms; Adam's epsilon 1 keeps steps proportional to gradients (test_distributed.py says why), and
-    # the learning rates are high enough to move the student and the fake score well past the tolerance.
+    # All three terms, two fake-score updates a step; Adam's epsilon 1 keeps steps proportional to gradients
+    # (test_distributed.py says why), and the learning rates are high enough to move the student and the fake score
+    # well past the tolerance.
     flags = ["--max_train_steps", "3", "--checkpointing_steps", "3", "--mixed_precision", "no", "--adam_epsilon", "1"]
     flags += ["--distribution_matching_weight", "1", "--learning_rate", "1e-2", "--fake_score_learning_rate", "1e-2"]
+    flags += ["--fake_score_updates", "2"]
     single = tmp_path / "single"
     train(*distill_args(mnist_dir, teacher, single, *flags), "--train_batch_size", "32")
     ddp = tmp_path / "ddp"  # 2 processes of 16 digits each: the same global batch
@@ -115,6 +117,8 @@ def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher
     assert "class-conditional" in cli_error(capsys, *distill_args(mnist_dir, cond, out))
     for flag in ("--adversarial_weight", "--distribution_matching_weight"):
         assert "needs --distill_from" in cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, out, flag, "1"))
+    updates = cli_error(capsys, *distill_args(mnist_dir, teacher, out, "--fake_score_updates", "2"))
+    assert "--fake_score_updates must be 1 or more, and more than 1 needs --distribution_matching_weight" in updates
     fast = tmp_path / "fast"
     train(*distill_args(mnist_dir, teacher, fast, "--max_train_steps", "1"))
     assert "distil from the model that was trained" in cli_error(capsys, *distill_args(mnist_dir, fast, out))
@@ -226,6 +230,12 @@ def test_distribution_matching_trains_the_student_and_the_fake_score_each_on_its
     torch.testing.assert_close(plain_fake, matched_fake)
     assert plain_fake.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+    # DMD2's extra fake-score updates: the fake score learns from the student's fresh digits, the student not at all.
+    student.zero_grad(), fake_score.zero_grad()
+    loss = ConsistencyDistillationLoss(scheduler, teacher, target, fake_score=fake_score, sampling_timesteps=[49, 32])
+    loss.fake_score_loss(student, images, torch.Generator().manual_seed(1), (0, 1)).backward()
+    assert all(p.grad is None for p in student.parameters())
+    assert torch.cat([p.grad.flatten() for p in fake_score.parameters()]).abs().sum() > 0
     with pytest.raises(ValueError, match="sampling_timesteps"):
         ConsistencyDistillationLoss(scheduler, teacher, target, fake_score=fake_score)
 
