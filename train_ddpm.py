@@ -309,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.fake_score_updates < 1 or (args.fake_score_updates > 1 and not args.distribution_matching_weight):
         parser.error(
-            f"--fake_score_updates must be 1 or more, and more than 1 needs --distribution_matching_weight; got "
+            "--fake_score_updates must be 1 or more, and more than 1 needs --distribution_matching_weight; got "
             f"{args.fake_score_updates}."
         )
     for name in ("discriminator_learning_rate", "fake_score_learning_rate"):
@@ -776,6 +776,7 @@ def main(args: argparse.Namespace) -> None:
                 )
                 template = templates[shard[0] * len(batch) : (shard[0] + 1) * len(batch)]
                 condition["encoder_hidden_states"] = captions[labels[batch], template]
+            # DMD2's two time-scale rule: the fake score takes its extra steps on fresh student digits first.
             for update in range(1, args.fake_score_updates if micro_step == 0 else 1):
                 fake_generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, 0, update))
                 with accelerator.autocast():
