@@ -776,13 +776,13 @@ def main(args: argparse.Namespace) -> None:
                 )
                 template = templates[shard[0] * len(batch) : (shard[0] + 1) * len(batch)]
                 condition["encoder_hidden_states"] = captions[labels[batch], template]
-            # DMD2's two time-scale rule: the fake score takes its extra steps on fresh student digits first.
-            for update in range(1, args.fake_score_updates if micro_step == 0 else 1):
-                fake_generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, 0, update))
-                with accelerator.autocast():
-                    accelerator.backward(loss_fn.fake_score_loss(model, clean_images, fake_generator, shard))
-                fake_score_optimizer.step()
-                fake_score_optimizer.zero_grad(set_to_none=True)
+            if micro_step == 0:  # DMD2's two time-scale rule: the fake score's extra steps, on fresh student digits
+                for update in range(1, args.fake_score_updates):
+                    extra = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, 0, update))
+                    with accelerator.autocast():
+                        accelerator.backward(loss_fn.fake_score_loss(model, clean_images, extra, shard))
+                    fake_score_optimizer.step()
+                    fake_score_optimizer.zero_grad(set_to_none=True)
             with accelerator.accumulate(model), accelerator.autocast():  # autocast: the teacher's calls too
                 loss = loss_fn(model, clean_images, generator, condition, null_condition, shard)
                 accelerator.backward(loss)
