@@ -5,15 +5,16 @@
         --evals shipped=pretrained/ddpm-mnist/eval.json eight=benchmarks/results/eight_epochs.json:end_10000 ...
 
 Each `mnist-diffusion evaluate` JSON (or, after a colon, the key of one inside a results JSON) holds the classifier's
-predicted-class mix of the generated digits. For each,
---num_samples digits of the train split are drawn in that mix by their labels, without replacement (--repeats draws,
-seeds 0..R-1), and scored against the test split with the project's evaluator: the FID of perfect digits in the wrong
-proportions. The train split in its own mix is the floor. Prints a table, writes JSON.
+predicted-class mix of the generated digits. For each, --num_samples digits of the train split are drawn in that mix
+by their labels, without replacement (--repeats draws, seeds 0..R-1), and scored against the test split with the
+project's evaluator: the FID of perfect digits in the wrong proportions. The train split in its own mix is the floor.
+Prints a table, writes JSON.
 """
 
 import argparse
 import json
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -33,10 +34,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/class_mix.json")
     args = parser.parse_args()
+    args.mixes = {}
     for item in args.evals:
-        path = item.partition("=")[2].partition(":")[0]
+        name, _, path = item.partition("=")
+        path, _, key = path.partition(":")
         if not path or not os.path.isfile(path):
             parser.error(f"--evals takes NAME=PATH[:KEY] of an evaluate JSON; {item!r} names no file.")
+        with open(path) as f:
+            evaluation = json.load(f)
+        evaluation = evaluation.get(key, {}) if key else evaluation
+        if "class_histogram" not in evaluation:
+            parser.error(
+                f"--evals {item!r}: no class_histogram there; name an evaluate JSON, or KEY of one inside it."
+            )
+        args.mixes[name] = np.asarray(evaluation["class_histogram"])
     return args
 
 
@@ -47,17 +58,19 @@ def main() -> None:
     print(json.dumps(machine))
     test = reference_features(args.dataset_name, split="test")
     train = reference_features(args.dataset_name, split="train")
-    labels = load_images(args.dataset_name, split="train")[1].numpy()
-    mixes = {"train split (its own mix)": np.bincount(labels, minlength=10) / len(labels)}
-    for item in args.evals:
-        name, _, path = item.partition("=")
-        path, _, key = path.partition(":")
-        with open(path) as f:
-            evaluation = json.load(f)
-        mixes[name] = np.asarray((evaluation[key] if key else evaluation)["class_histogram"])
+    labels = load_images(args.dataset_name, split="train")[1]
+    if labels is None:
+        raise SystemExit(f"{args.dataset_name}'s train split has no labels to draw digits by; name a labelled copy.")
+    labels = labels.numpy()
+    mixes = {"train split (its own mix)": np.bincount(labels, minlength=10) / len(labels), **args.mixes}
     rows = []
     for name, mix in mixes.items():
         counts = np.round(mix / mix.sum() * args.num_samples).astype(int)
+        if (counts > np.bincount(labels, minlength=10)).any():
+            raise SystemExit(
+                f"{name}: {args.num_samples} digits in this mix need more of a class than the train split has; "
+                "lower --num_samples."
+            )
         fids, precisions, recalls = [], [], []
         for seed in range(args.repeats):
             rng = np.random.default_rng(seed)
@@ -79,7 +92,7 @@ def main() -> None:
         print(
             f"| {r['name']} | {r['fid']:.2f} ± {r['fid_std']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {mix} |"
         )
-    result = {"machine": machine, "command": " ".join(["python", *sys.argv]), "num_samples": args.num_samples,
+    result = {"machine": machine, "command": shlex.join(["python", *sys.argv]), "num_samples": args.num_samples,
               "repeats": args.repeats, "rows": rows}  # fmt: skip
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
