@@ -62,20 +62,22 @@ def main() -> None:
     if labels is None:
         raise SystemExit(f"{args.dataset_name}'s train split has no labels to draw digits by; name a labelled copy.")
     labels = labels.numpy()
-    mixes = {"train split (its own mix)": np.bincount(labels, minlength=10) / len(labels), **args.mixes}
-    rows = []
-    for name, mix in mixes.items():
-        counts = np.round(mix / mix.sum() * args.num_samples).astype(int)
-        if (counts > np.bincount(labels, minlength=10)).any():
+    available = np.bincount(labels, minlength=10)
+    mixes = {"train split (its own mix)": available / len(labels), **args.mixes}
+    counts = {name: np.round(mix / mix.sum() * args.num_samples).astype(int) for name, mix in mixes.items()}
+    for name, count in counts.items():  # before any scoring, so that no row's work is lost
+        if (count > available).any():
             raise SystemExit(
                 f"{name}: {args.num_samples} digits in this mix need more of a class than the train split has; "
                 "lower --num_samples."
             )
+    rows = []
+    for name, mix in mixes.items():
         fids, precisions, recalls = [], [], []
         for seed in range(args.repeats):
             rng = np.random.default_rng(seed)
             index = np.concatenate(
-                [rng.choice(np.flatnonzero(labels == c), n, replace=False) for c, n in enumerate(counts)]
+                [rng.choice(np.flatnonzero(labels == c), n, replace=False) for c, n in enumerate(counts[name])]
             )
             fids.append(frechet_distance(train[index], test))
             precision, recall = precision_recall(test, train[index])
