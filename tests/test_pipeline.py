@@ -29,6 +29,22 @@ def test_default_model_and_schedule():
     assert out.shape == (2, 1, 28, 28)
 
 
+def test_every_resnet_block_of_the_default_unet_sees_the_timestep():
+    """GroupNorm with one channel a group erases the time embedding a ResNet block adds before it; the default UNet's
+    groups are wide enough that every block's output depends on t."""
+    unet, _ = create_model_and_scheduler()
+    embedding = unet.time_embedding(unet.time_proj(torch.tensor([5, 45])))
+    blocks = [*unet.mid_block.resnets]
+    for block in [*unet.down_blocks, *unet.up_blocks]:
+        blocks += block.resnets
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in blocks:
+            x = torch.randn(1, block.conv1.in_channels, 7, 7).expand(2, -1, -1, -1)
+            early, late = block(x, embedding)
+            assert (early - late).abs().max() > 1e-3
+
+
 def test_four_levels_at_28_is_a_clear_error(tmp_path):
     config = dict(TINY_UNET, block_out_channels=[8, 16, 16, 16])
     config["down_block_types"] = ["DownBlock2D"] * 4
