@@ -24,7 +24,7 @@ from machine import describe
 
 from pipeline.classifier import classify, load_classifier
 from pipeline.loss import DiffusionLoss
-from pipeline.pipeline_mnist_diffusion import to_uint8
+from pipeline.pipeline_mnist_diffusion import MNISTDiffusionPipeline, to_uint8
 from pipeline.sampling import generate, load_sampler, sampling_precision
 
 
@@ -53,7 +53,9 @@ class ClassRecorder(PipelineCallback):
         super().__init__()
         self.classifier, self.predicted, self.latents = classifier, {}, None
 
-    def callback_fn(self, pipeline, step_index: int, timestep: torch.Tensor, callback_kwargs: dict) -> dict:
+    def callback_fn(
+        self, pipeline: MNISTDiffusionPipeline, step_index: int, timestep: torch.Tensor, callback_kwargs: dict
+    ) -> dict:
         """Classify x_0 predicted from the step's input (the previous step's output) and the model's output."""
         # The first step's input is the starting noise, which a callback does not see; from the second on it is the
         # previous step's output. A batch starts at step 0, so `latents` never leaks between batches.
