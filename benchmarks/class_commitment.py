@@ -13,14 +13,13 @@ Prints a table, writes JSON.
 
 import argparse
 import json
-import os
 import shlex
 import sys
 
 import numpy as np
 import torch
 from diffusers.callbacks import PipelineCallback
-from machine import describe
+from machine import describe, write_result
 
 from pipeline.classifier import classify, load_classifier
 from pipeline.loss import DiffusionLoss
@@ -124,10 +123,7 @@ def main() -> None:
               "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
               "guidance_scale": args.guidance_scale, "num_samples": args.num_samples,
               "final_class_shares": final_shares.tolist(), "rows": rows}  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"Wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 import torch
-from machine import describe
+from machine import describe, write_result
 
 from pipeline.data import load_images
 from pipeline.evaluate import frechet_distance, precision_recall, reference_features
@@ -96,10 +96,7 @@ def main() -> None:
         )
     result = {"machine": machine, "command": shlex.join(["python", *sys.argv]), "num_samples": args.num_samples,
               "repeats": args.repeats, "rows": rows}  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"Wrote {args.out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

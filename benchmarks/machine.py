@@ -1,5 +1,7 @@
-"""What a benchmark ran on: every benchmark prints and records it, since figures only compare within one machine."""
+"""What a benchmark ran on: every benchmark prints and records it, since figures only compare within one machine; and
+writing what it measured."""
 
+import json
 import os
 import platform
 import time
@@ -45,3 +47,11 @@ def describe(device: torch.device) -> dict:
         "bf16": matmul_tflops(torch.bfloat16, device),
     }
     return info
+
+
+def write_result(result: dict, path: str) -> None:
+    """Write a benchmark's result as JSON at `path`, its folder made if need be, and say so."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"Wrote {path}")
