@@ -22,7 +22,7 @@ from diffusers.callbacks import PipelineCallback
 from machine import describe, write_result
 
 from pipeline.classifier import classify, load_classifier
-from pipeline.loss import DiffusionLoss
+from pipeline.loss import DiffusionLoss, predicted_digit_and_noise
 from pipeline.pipeline_mnist_diffusion import MNISTDiffusionPipeline, to_uint8
 from pipeline.sampling import generate, load_sampler, sampling_precision
 
@@ -59,16 +59,9 @@ class ClassRecorder(PipelineCallback):
         # The first step's input is the starting noise, which a callback does not see; from the second on it is the
         # previous step's output. A batch starts at step 0, so `latents` never leaks between batches.
         if step_index > 0:
-            alphas_cumprod = pipeline.scheduler.alphas_cumprod[timestep]
-            alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
-            x_t, output = self.latents, callback_kwargs["model_output"]
-            prediction_type = pipeline.scheduler.config.prediction_type
-            if prediction_type == "v_prediction":
-                x_0 = alpha * x_t - sigma * output
-            elif prediction_type == "epsilon":
-                x_0 = (x_t - sigma * output) / alpha
-            else:
-                x_0 = output
+            x_0, _ = predicted_digit_and_noise(
+                pipeline.scheduler, callback_kwargs["model_output"], self.latents, timestep
+            )
             digits = to_uint8((x_0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
             probs = classify(self.classifier, torch.from_numpy(digits))[1]
             self.predicted.setdefault(int(timestep), []).append(probs.argmax(-1))
@@ -83,7 +76,6 @@ def main() -> None:
     print(json.dumps(machine))
     pipe, _, _ = load_sampler(args.model, args.scheduler, args.num_inference_steps)
     classifier = load_classifier()
-    config = pipe.scheduler.config
     recorder = ClassRecorder(classifier)
 
     with sampling_precision(pipe.device):
@@ -93,7 +85,7 @@ def main() -> None:
         )  # fmt: skip
     final_class = classify(classifier, torch.from_numpy(final))[1].argmax(-1)
 
-    num_train_timesteps = config.num_train_timesteps
+    num_train_timesteps = pipe.scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(0)
     training = {
         scheme: np.bincount(

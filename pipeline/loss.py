@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, LCMScheduler
+from diffusers import DDPMScheduler, LCMScheduler, SchedulerMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from scipy.optimize import linear_sum_assignment
 from torch.func import functional_call
@@ -17,6 +17,23 @@ def immiscible_noise(clean_images: torch.Tensor, noise: torch.Tensor) -> torch.T
     cost = torch.cdist(clean_images.flatten(1).float(), noise.flatten(1).float())
     _, order = linear_sum_assignment(cost.cpu().numpy())
     return noise[torch.from_numpy(order).to(noise.device)]
+
+
+def predicted_digit_and_noise(
+    scheduler: SchedulerMixin, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean digit x_0 and the noise that a model's output at `timesteps` predicts from `sample` (x_t), by the
+    scheduler's `prediction_type`."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(sample.device)[timesteps].view(-1, 1, 1, 1)
+    alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
+        return alpha * sample - sigma * model_output, sigma * sample + alpha * model_output
+    if prediction_type == "epsilon":
+        return (sample - sigma * model_output) / alpha, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha * model_output) / sigma
+    raise ValueError(f"Unknown prediction_type {prediction_type!r}.")
 
 
 @dataclass
@@ -176,17 +193,7 @@ class ConsistencyDistillationLoss:
 
     def consistency(self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor) -> tuple:
         """The consistency function's value, and the x_0 and noise that `model_output` predicts."""
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(sample.device)[timesteps].view(-1, 1, 1, 1)
-        alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
-        prediction_type = self.scheduler.config.prediction_type
-        if prediction_type == "v_prediction":
-            x_0, noise = alpha * sample - sigma * model_output, sigma * sample + alpha * model_output
-        elif prediction_type == "epsilon":
-            x_0, noise = (sample - sigma * model_output) / alpha, model_output
-        elif prediction_type == "sample":
-            x_0, noise = model_output, (sample - alpha * model_output) / sigma
-        else:
-            raise ValueError(f"Unknown prediction_type {prediction_type!r}.")
+        x_0, noise = predicted_digit_and_noise(self.scheduler, model_output, sample, timesteps)
         c_skip, c_out = self.scheduler.get_scalings_for_boundary_condition_discrete(timesteps.view(-1, 1, 1, 1))
         return c_skip * sample + c_out * x_0, x_0, noise
 
