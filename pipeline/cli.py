@@ -71,7 +71,9 @@ def check_sample_outputs(args: argparse.Namespace) -> None:
 def sample(args: argparse.Namespace) -> None:
     """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
     check_sample_outputs(args)
-    pipe, args.scheduler, steps = load_sampler(args.model, args.scheduler, args.num_inference_steps, args.noise_scale)
+    pipe, args.scheduler, steps = load_sampler(
+        args.model, args.scheduler, args.num_inference_steps, args.noise_scale, args.timesteps
+    )
     labels = np.resize(args.class_labels, args.num_images) if args.class_labels else None
     print(
         f"Sampling {args.num_images:,} digits ({args.num_images * 28 * 28 / 2**20:,.0f} MiB); Ctrl-C keeps those done."
@@ -81,7 +83,7 @@ def sample(args: argparse.Namespace) -> None:
         with sampling_precision(pipe.device, args.precision):
             for batch in generate_batches(
                 pipe, args.num_images, args.seed, args.batch_size, steps, labels, args.prompt,
-                args.negative_prompt, args.guidance_scale, num_processes=args.num_processes,
+                args.negative_prompt, args.guidance_scale, args.timesteps, num_processes=args.num_processes,
             ):  # fmt: skip
                 batches.append(batch)
     except KeyboardInterrupt:
@@ -203,20 +205,21 @@ def evaluate(args: argparse.Namespace) -> None:
         digits = read_digits(args.samples)
     else:
         pipe, args.scheduler, steps = load_sampler(
-            args.model, args.scheduler, args.num_inference_steps, args.noise_scale
+            args.model, args.scheduler, args.num_inference_steps, args.noise_scale, args.timesteps
         )
         # A conditional model is asked for 0..9 in turn, and scored on whether it drew what was asked.
         labels = digit_cycle(args.num_samples) if pipe.conditioning != "none" else None
         with sampling_precision(pipe.device, args.precision):
             digits = generate(
                 pipe, args.num_samples, args.seed, args.batch_size, steps, labels,
-                guidance_scale=args.guidance_scale, num_processes=args.num_processes,
+                guidance_scale=args.guidance_scale, timesteps=args.timesteps, num_processes=args.num_processes,
             )  # fmt: skip
     results = evaluate_digits(digits, reference_features(args.dataset_name, args.split), labels)
     if args.model:
         results.update(
             scheduler=args.scheduler,
             steps=steps,
+            timesteps=args.timesteps,
             sampling_precision=args.precision,
             noise_scale=pipe.default_noise_scale,
         )
@@ -281,7 +284,8 @@ def visualize(args: argparse.Namespace) -> None:
 
 
 def add_sampler_options(parser: argparse.ArgumentParser) -> None:
-    """--scheduler, --num_inference_steps, --noise_scale, --precision and --num_processes, for `sample` and `evaluate`."""
+    """--scheduler, --num_inference_steps or --timesteps, --noise_scale, --precision and --num_processes, for `sample`
+    and `evaluate`."""
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
@@ -294,6 +298,14 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=None,
         help=f"Default: the sampler's usual count ({DEFAULT_SAMPLER[1]}; 50 for ddpm; a distilled model's own for lcm).",
+    )
+    parser.add_argument(
+        "--timesteps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Custom timesteps, descending from the last training step (e.g. 49 45 42 ... 0), in place of the "
+        "sampler's own spacing (dpm++sde, dpm++, ddim, ddpm, lcm take them); they set the step count.",
     )
     parser.add_argument(
         "--noise_scale",

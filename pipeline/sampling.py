@@ -51,9 +51,12 @@ def sampler_settings(pipe: MNISTDiffusionPipeline, scheduler: str | None, steps:
     return name, steps or default_steps
 
 
-def make_scheduler(name: str, config: dict) -> SchedulerMixin:
-    """One of SCHEDULERS, built from a model's scheduler config, starting from pure noise whatever the config says."""
+def make_scheduler(name: str, config: dict, custom_timesteps: bool = False) -> SchedulerMixin:
+    """One of SCHEDULERS, built from a model's scheduler config, starting from pure noise whatever the config says;
+    for `custom_timesteps`, without its own spacing of the steps (diffusers takes one or the other)."""
     cls, settings = SCHEDULERS[name]
+    if custom_timesteps:
+        settings = {k: v for k, v in settings.items() if k != "use_lu_lambdas"}
     # Models saved with diffusers' default "leading" spacing would start fast samplers short of pure noise.
     return cls.from_config(config, timestep_spacing="trailing", **settings)
 
@@ -93,13 +96,20 @@ def load_pipeline(model: str, scheduler: str | None = None) -> MNISTDiffusionPip
 
 
 def load_sampler(
-    model: str, scheduler: str | None = None, steps: int | None = None, noise_scale: float | None = None
+    model: str,
+    scheduler: str | None = None,
+    steps: int | None = None,
+    noise_scale: float | None = None,
+    timesteps: list[int] | None = None,
 ) -> tuple[MNISTDiffusionPipeline, str, int]:
-    """A saved pipeline with the sampler asked for swapped in (default: its own choice, `sampler_settings`) and its
-    noise scale if given (default: the folder's), the sampler's name and the steps to take."""
+    """A saved pipeline with the sampler asked for swapped in (default: its own choice, `sampler_settings`), set up
+    for custom `timesteps` if given, and its noise scale if given (default: the folder's), the sampler's name and the
+    steps to take."""
+    if timesteps is not None and steps is not None:
+        raise ValueError("Give --timesteps or --num_inference_steps, not both: the timesteps set the step count.")
     pipe = load_pipeline(model)
-    name, steps = sampler_settings(pipe, scheduler, steps)
-    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    name, steps = sampler_settings(pipe, scheduler, len(timesteps) if timesteps else steps)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config, custom_timesteps=timesteps is not None)
     if noise_scale is not None:
         if not scales_noise(pipe.scheduler):
             raise ValueError(f"A noise scale is for the stochastic samplers (lcm, dpm++sde), not {name}.")
@@ -120,9 +130,11 @@ def generate_batch(
     prompt: str | None = None,
     negative_prompt: str | None = None,
     guidance_scale: float = 2.0,
+    timesteps: list[int] | None = None,
     callback_on_step_end: Callable[[MNISTDiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
 ) -> np.ndarray:
-    """One uint8 `(B, 28, 28)` batch: digit i from seed `seeds[i]`, asked to be `labels[i]` if given."""
+    """One uint8 `(B, 28, 28)` batch: digit i from seed `seeds[i]`, asked to be `labels[i]` if given, on the
+    sampler's own grid of `num_inference_steps` or on custom `timesteps`."""
     device = pipe.device  # once: diffusers' `device` walks every module, which per seed slowed few-step batches
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
@@ -135,6 +147,7 @@ def generate_batch(
         batch_size=len(generators),
         generator=generators,
         num_inference_steps=num_inference_steps,
+        timesteps=timesteps,
         output_type="np",
         guidance_scale=guidance_scale,
         callback_on_step_end=callback_on_step_end,
@@ -173,6 +186,7 @@ def generate_batches(
     prompt: str | None = None,
     negative_prompt: str | None = None,
     guidance_scale: float = 2.0,
+    timesteps: list[int] | None = None,
     progress: bool = True,
     callback_on_step_end: Callable[[MNISTDiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
     num_processes: int = 1,
@@ -194,6 +208,7 @@ def generate_batches(
             prompt,
             negative_prompt,
             guidance_scale,
+            timesteps,
         )
         for start in range(0, num_images, batch_size)
     )

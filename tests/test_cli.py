@@ -1,5 +1,7 @@
 """`mnist-diffusion`: sampling and the pictures, on a tiny saved pipeline."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,26 @@ def test_sample_defaults_to_the_recommended_sampler(model_dir, tmp_path, tiny_pi
     main(["sample", "--model", str(model_dir), "--num_images", "2", "--scheduler", "ddim"]
          + ["--num_inference_steps", "10", "--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
     assert not np.array_equal(np.load(npz)["images"], expected)
+
+
+def test_custom_timesteps_replace_the_samplers_own_spacing(model_dir, mnist_dir, tmp_path, tiny_pipeline):
+    npz, out = tmp_path / "d.npz", tmp_path / "eval.json"
+    grid = [49, 40, 30, 20, 10, 0]
+    main(["sample", "--model", str(model_dir), "--num_images", "3", "--timesteps", *map(str, grid)]
+         + ["--out", str(tmp_path / "g.png"), "--npz", str(npz)])  # fmt: skip
+    name, _ = DEFAULT_SAMPLER
+    tiny_pipeline.scheduler = make_scheduler(name, tiny_pipeline.scheduler.config, custom_timesteps=True)
+    with sampling_precision(torch.device("cpu")):
+        expected = generate(tiny_pipeline, 3, 0, 3, timesteps=grid, progress=False)
+    np.testing.assert_array_equal(np.load(npz)["images"], expected)
+    assert tiny_pipeline.scheduler.timesteps.tolist() == grid
+    tiny_pipeline.scheduler = make_scheduler(name, tiny_pipeline.scheduler.config)
+    with sampling_precision(torch.device("cpu")):
+        own = generate(tiny_pipeline, 3, 0, 3, len(grid), progress=False)
+    assert tiny_pipeline.scheduler.timesteps.tolist() != grid and not np.array_equal(own, expected)
+    main(["evaluate", "--model", str(model_dir), "--num_samples", "4", "--timesteps", *map(str, grid)]
+         + ["--dataset_name", str(mnist_dir), "--split", "train", "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["timesteps"] == grid
 
 
 def test_sample_in_two_processes_draws_the_same_digits(model_dir, tmp_path, tiny_pipeline):
@@ -187,6 +209,16 @@ def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, 
             "Index 32 is outside split 'test'",
         ),  # fmt: skip
         (["visualize", "backward", "--model", "{model}", "--out", "{tmp}/b.png", "--num_frames", "1"], "at least 2"),
+        (
+            ["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--timesteps", "49", "20", "20", "0"],
+            "distinct and",
+        ),
+        (["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--timesteps", "60", "20", "0"], "must start at 49"),
+        (
+            ["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--timesteps", "49", "0"]
+            + ["--num_inference_steps", "2"],
+            "not both",
+        ),
     ],
 )
 def test_bad_input_is_one_line(model_dir, mnist_dir, tmp_path, capsys, argv, message):
