@@ -212,11 +212,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 raise ValueError(
                     f"{type(scheduler).__name__} takes no custom `timesteps`; pass `num_inference_steps`."
                 )
-            if int(timesteps[0]) != last:
-                raise ValueError(
-                    f"`timesteps` must start at {last}, the last training step (pure noise), not {int(timesteps[0])}."
-                )
-            scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=device)
+            scheduler.set_timesteps(timesteps=list(timesteps), device=device)
         else:
             if isinstance(scheduler, (DDIMScheduler, PNDMScheduler)) and (last + 1) % num_inference_steps:
                 divisors = [n for n in range(1, last + 2) if (last + 1) % n == 0]
@@ -338,9 +334,14 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         if not guidance_scale >= 1:  # also refuses NaN
             raise ValueError(f"`guidance_scale` must be at least 1 (1 means no guidance), got {guidance_scale}.")
         max_steps = self.scheduler.config.num_train_timesteps
-        steps = [int(t) for t in timesteps] if timesteps is not None else None
-        if steps is not None and (not steps or steps != sorted(set(steps), reverse=True) or steps[-1] < 0):
-            raise ValueError(f"`timesteps` must be distinct and descending, ending at 0 or above, got {steps}.")
+        if timesteps is not None:
+            steps = [int(t) for t in timesteps]
+            if not steps or steps != sorted(set(steps), reverse=True) or steps[-1] < 0:
+                raise ValueError(f"`timesteps` must be distinct and descending, ending at 0 or above, got {steps}.")
+            if steps[0] != max_steps - 1:
+                raise ValueError(
+                    f"`timesteps` must start at {max_steps - 1}, the last training step (pure noise), not {steps[0]}."
+                )
         if timesteps is None and (
             not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps
         ):
