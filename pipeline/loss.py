@@ -41,7 +41,9 @@ class DiffusionLoss:
     """The denoising loss of a `DDPMScheduler`'s forward process for any of its prediction types.
 
     `weighting_scheme` draws the timesteps: "none" uniformly, "logit_normal" or "mode" from the densities of
-    diffusers' `compute_density_for_timestep_sampling` (SD3). `snr_gamma` caps the weight of the easy, low-noise
+    diffusers' `compute_density_for_timestep_sampling` (SD3); `stratified` draws one timestep from each of the batch's
+    equal slices of that density instead of each independently (stratified sampling: the same density, less noise in
+    each batch's mix of noise levels). `snr_gamma` caps the weight of the easy, low-noise
     steps (min-SNR-γ, Hang et al. 2023, in the form that only lowers weights, safe for every prediction type).
     `condition_dropout` replaces conditions by the null condition this often (classifier-free guidance)."""
 
@@ -53,6 +55,7 @@ class DiffusionLoss:
     snr_gamma: float | None = None
     immiscible: bool = False
     condition_dropout: float = 0.0
+    stratified: bool = False
 
     def __post_init__(self) -> None:
         if self.weighting_scheme not in ("none", "logit_normal", "mode"):
@@ -63,11 +66,20 @@ class DiffusionLoss:
     def sample_timesteps(self, batch_size: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """Training timesteps for one batch, drawn from the density `weighting_scheme` names."""
         num_train_timesteps = self.scheduler.config.num_train_timesteps
-        if self.weighting_scheme == "none":
+        if self.stratified:
+            # One draw in each of batch_size equal slices of [0, 1), shuffled: the batch covers the density evenly.
+            strata = torch.randperm(batch_size, generator=generator, device=device)
+            u = (strata + torch.rand(batch_size, generator=generator, device=device)) / batch_size
+            if self.weighting_scheme == "logit_normal":
+                u = torch.sigmoid(self.logit_mean + self.logit_std * 2**0.5 * torch.erfinv(2 * u - 1))
+            elif self.weighting_scheme == "mode":
+                u = 1 - u - self.mode_scale * (torch.cos(torch.pi * u / 2) ** 2 - 1 + u)
+        elif self.weighting_scheme == "none":
             return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
-        u = compute_density_for_timestep_sampling(
-            self.weighting_scheme, batch_size, self.logit_mean, self.logit_std, self.mode_scale, device, generator
-        )
+        else:
+            u = compute_density_for_timestep_sampling(
+                self.weighting_scheme, batch_size, self.logit_mean, self.logit_std, self.mode_scale, device, generator
+            )
         return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
     def target(self, clean_images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
