@@ -34,7 +34,7 @@ from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_g
 from pipeline.data import load_images
 from pipeline.evaluate import MIN_SAMPLES, evaluate_digits, evaluation_results, reference_features
 from pipeline.loss import ConsistencyDistillationLoss, DiffusionLoss, Discriminator
-from pipeline.model import NUM_CLASSES, caption_states, load_text_encoder, zero_init_residuals
+from pipeline.model import NUM_CLASSES, caption_states, load_text_encoder
 from pipeline.pipeline_mnist_diffusion import consistency_timesteps, to_uint8
 from pipeline.sampling import (
     default_mixed_precision,
@@ -174,12 +174,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=False,
         help="Draw each batch's timesteps from equal slices of the density (stratified sampling).",
-    )
-    train.add_argument(
-        "--zero_init_residuals",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Start every residual branch and the output convolution at zero (ADM's initialization).",
     )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
     train.add_argument(
@@ -595,8 +589,6 @@ def main(args: argparse.Namespace) -> None:
             args.conditioning,
             text_encoder.config.hidden_size if text_encoder is not None else None,
         )
-        if args.zero_init_residuals:
-            zero_init_residuals(model)
     model_config = {"unet": dict(model.config), "scheduler": dict(noise_scheduler.config)}
     use_plain_attention(model, device)
     resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, model_config)

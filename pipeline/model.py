@@ -4,8 +4,6 @@ import os
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import ResnetBlock2D
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .data import looks_like_path
@@ -97,20 +95,6 @@ def create_model_and_scheduler(
         timestep_spacing="trailing",
     )
     return unet, scheduler
-
-
-def zero_init_residuals(unet: torch.nn.Module) -> None:
-    """Zero the last layer of every residual branch and the output convolution, as ADM initializes its UNet: each
-    block starts as the identity."""
-    for module in unet.modules():
-        if isinstance(module, ResnetBlock2D):
-            torch.nn.init.zeros_(module.conv2.weight)
-            torch.nn.init.zeros_(module.conv2.bias)
-        elif isinstance(module, Attention):
-            torch.nn.init.zeros_(module.to_out[0].weight)
-            torch.nn.init.zeros_(module.to_out[0].bias)
-    torch.nn.init.zeros_(unet.conv_out.weight)
-    torch.nn.init.zeros_(unet.conv_out.bias)
 
 
 def load_text_encoder(name_or_path: str, cache_dir: str | None = None) -> tuple[CLIPTextModel, CLIPTokenizer]:

@@ -66,25 +66,6 @@ def test_stratified_timesteps_follow_the_density_with_little_batch_noise(scheme)
         assert (np.abs(counts - expected).max() <= 2) == stratified
 
 
-def test_zero_init_residuals_starts_every_block_as_the_identity_and_still_learns(tiny_unet_config):
-    from pipeline.loss import DiffusionLoss
-    from pipeline.model import zero_init_residuals
-
-    unet, scheduler = create_model_and_scheduler(model_config_name_or_path=tiny_unet_config)
-    zero_init_residuals(unet)
-    x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 45])
-    assert unet(x, t).sample.abs().max() == 0
-    block = unet.mid_block.resnets[0]
-    h = torch.randn(1, block.conv1.in_channels, 7, 7)
-    torch.testing.assert_close(block(h, unet.time_embedding(unet.time_proj(t[:1]))), h)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    for _ in range(2):  # the output layer moves first, then the blocks behind it
-        DiffusionLoss(scheduler)(unet, x, torch.manual_seed(0)).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert unet(x, t).sample.abs().max() > 0 and block.conv2.weight.abs().max() > 0
-
-
 def test_four_levels_at_28_is_a_clear_error(tmp_path):
     config = dict(TINY_UNET, block_out_channels=[8, 16, 16, 16])
     config["down_block_types"] = ["DownBlock2D"] * 4
