@@ -21,6 +21,8 @@ CHECKPOINT_CONFIG = "model_config.json"  # the model and scheduler configs a che
 TRAINING_STATE = "training_state.json"  # the settings it was written with, and the training minutes so far
 # Settings a resumed run may change. The learning-rate schedule is rebuilt from the new ones, from the resume step on.
 SCHEDULE_SETTINGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "num_epochs", "max_train_steps")
+# Settings added after checkpoints began to record theirs, with the value that the runs before them trained with.
+ADDED_SETTINGS = {"stratified_timesteps": False}
 # These touch no step's data, noise or update, or (precision, clipping) are what a diverged run needs changed.
 FREE_SETTINGS = (
     "output_dir", "resume_from_checkpoint", "logger", "logging_dir", "save_images_epochs", "save_model_epochs",
@@ -104,6 +106,7 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None, model_co
 def setting_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """The settings that differ from a checkpoint's, as "name: old -> new": those that would break exact resumption,
     and the learning-rate schedule's, which a resumed run applies."""
+    saved = {**ADDED_SETTINGS, **saved}
     changed = sorted(
         k for k in saved.keys() | current.keys() if k not in FREE_SETTINGS and saved.get(k) != current.get(k)
     )

@@ -422,5 +422,7 @@ def test_loss_targets_and_weights(prediction_type):
     assert loss.weights(t)[0] < 1 and loss.weights(t)[2] == 1
     # The densities stay on the training grid.
     for scheme in ("none", "logit_normal", "mode"):
-        drawn = DiffusionLoss(scheduler, weighting_scheme=scheme).sample_timesteps(4096, torch.manual_seed(0), "cpu")
-        assert drawn.min() >= 0 and drawn.max() <= 49 and len(drawn.unique()) > 40
+        for stratified in (False, True):
+            loss = DiffusionLoss(scheduler, weighting_scheme=scheme, stratified=stratified)
+            drawn = loss.sample_timesteps(4096, torch.manual_seed(0), "cpu")
+            assert drawn.min() >= 0 and drawn.max() <= 49 and len(drawn.unique()) > 40

@@ -17,7 +17,7 @@ from accelerate.state import AcceleratorState
 from conftest import ROOT, assert_same_weights, base_args, cli_error, train
 from safetensors.torch import load_file, save_file
 
-from pipeline.training import find_checkpoint
+from pipeline.training import find_checkpoint, setting_changes
 
 FINAL = ("unet/diffusion_pytorch_model.safetensors",)
 
@@ -214,6 +214,14 @@ def test_resuming_applies_a_new_learning_rate_and_refuses_settings_that_break_ex
     assert "Applied from step 2 on: --learning_rate: 0.001 -> 1e-05" in capsys.readouterr().out
     optimizer = torch.load(out / "checkpoint-4" / "optimizer.bin", weights_only=True)
     assert [group["lr"] for group in optimizer["param_groups"]] == [1e-5]
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_old_value():
+    saved = {"seed": 0, "weighting_scheme": "logit_normal"}  # written before --stratified_timesteps existed
+    current = {**saved, "stratified_timesteps": False}
+    assert setting_changes(saved, current) == ([], [])
+    breaking, _ = setting_changes(saved, {**current, "stratified_timesteps": True})
+    assert breaking == ["--stratified_timesteps: False -> True"]
 
 
 def test_one_run_at_a_time_per_output_dir_and_a_dead_run_frees_it(mnist_dir, tiny_unet_config, tmp_path, capsys):
