@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler, image_grid
 from pipeline.data import load_images
 from pipeline.evaluate import MIN_SAMPLES, evaluate_digits, evaluation_results, reference_features
-from pipeline.loss import ConsistencyDistillationLoss, DiffusionLoss, Discriminator, TimestepUncertainty
+from pipeline.loss import ConsistencyDistillationLoss, DiffusionLoss, Discriminator
 from pipeline.model import NUM_CLASSES, caption_states, load_text_encoder
 from pipeline.pipeline_mnist_diffusion import consistency_timesteps, to_uint8
 from pipeline.sampling import (
@@ -175,12 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=False,
         help="Draw each batch's timesteps from equal slices of the density (stratified sampling).",
     )
-    train.add_argument(
-        "--learned_loss_weighting",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Weight each timestep's loss by a learned uncertainty, trained beside the UNet (EDM2).",
-    )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
     train.add_argument(
         "--autoguidance_fraction",
@@ -305,10 +299,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--distill_from: the student copies the teacher's UNet, conditioning and noise schedule; drop "
             "--model_config_name_or_path and --conditioning."
-        )
-    if args.distill_from and args.learned_loss_weighting:
-        parser.error(
-            "--learned_loss_weighting weights the denoising loss, which --distill_from does not train; drop it."
         )
     if not args.guidance_scale >= 1:
         parser.error(f"--guidance_scale must be at least 1 (1: no guidance), got {args.guidance_scale}.")
@@ -634,7 +624,6 @@ def main(args: argparse.Namespace) -> None:
     # Optimizer, LR schedule, EMA and the objective.
     optimizer, lr_scheduler, ema_model = make_optimization(args, model, max_train_steps)
     target = discriminator = discriminator_optimizer = fake_score = fake_score_optimizer = None
-    uncertainty = uncertainty_optimizer = None
     if teacher is not None:
         # The consistency target: an EMA of the student (decay --ema_decay), a frozen copy of it between updates.
         target = copy.deepcopy(model).requires_grad_(False).eval().to(device)
@@ -677,10 +666,6 @@ def main(args: argparse.Namespace) -> None:
             condition_dropout=args.condition_dropout,
             stratified=args.stratified_timesteps,
         )
-        if args.learned_loss_weighting:
-            uncertainty = TimestepUncertainty(noise_scheduler.config.num_train_timesteps).to(device)
-            # EDM2 trains it at the UNet's rate; at ours (1e-3) it would take most of a 5-epoch run to settle.
-            uncertainty_optimizer = torch.optim.Adam(uncertainty.parameters(), lr=1e-2)
 
     # Checkpoints hold what `save_state` saves (weights, optimizer, LR schedule, RNG) plus the EMA weights
     # (safetensors, the diffusers way), the autoguidance guide once taken, and the model config, settings and training
@@ -733,9 +718,6 @@ def main(args: argparse.Namespace) -> None:
     if fake_score is not None:
         fake_score, fake_score_optimizer = accelerator.prepare(fake_score, fake_score_optimizer)
         loss_fn.fake_score = fake_score
-    if uncertainty is not None:
-        uncertainty, uncertainty_optimizer = accelerator.prepare(uncertainty, uncertainty_optimizer)
-        loss_fn.uncertainty = uncertainty
     if ema_model is not None:
         ema_model.to(device)
     global_step = 0
@@ -815,7 +797,7 @@ def main(args: argparse.Namespace) -> None:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                for other in (discriminator_optimizer, fake_score_optimizer, uncertainty_optimizer):
+                for other in (discriminator_optimizer, fake_score_optimizer):
                     if other is not None:
                         other.step()
                         other.zero_grad(set_to_none=True)

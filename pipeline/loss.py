@@ -36,22 +36,6 @@ def predicted_digit_and_noise(
     raise ValueError(f"Unknown prediction_type {prediction_type!r}.")
 
 
-class TimestepUncertainty(torch.nn.Module):
-    """EDM2's learned loss weighting (Karras et al. 2024): one log-variance u_t per training timestep, trained beside
-    the UNet, that turns a timestep's loss L into L / exp(u_t) + u_t. Its optimum exp(u_t) is the timestep's mean
-    loss, so every noise level pulls alike whatever the scale of its loss; the timestep density still decides how
-    often each is trained. It is not saved with the pipeline: sampling never needs it."""
-
-    def __init__(self, num_train_timesteps: int) -> None:
-        super().__init__()
-        self.logvar = torch.nn.Parameter(torch.zeros(num_train_timesteps))
-
-    def forward(self, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Each example's loss, weighted by its timestep's learned uncertainty."""
-        logvar = self.logvar[timesteps]
-        return losses / logvar.exp() + logvar
-
-
 @dataclass
 class DiffusionLoss:
     """The denoising loss of a `DDPMScheduler`'s forward process for any of its prediction types.
@@ -61,7 +45,6 @@ class DiffusionLoss:
     equal slices of that density instead of each independently (stratified sampling: the same density, less noise in
     each batch's mix of noise levels). `snr_gamma` caps the weight of the easy, low-noise
     steps (min-SNR-γ, Hang et al. 2023, in the form that only lowers weights, safe for every prediction type).
-    `uncertainty`, a `TimestepUncertainty` trained beside the model, weights each timestep by its learned uncertainty.
     `condition_dropout` replaces conditions by the null condition this often (classifier-free guidance)."""
 
     scheduler: DDPMScheduler
@@ -73,7 +56,6 @@ class DiffusionLoss:
     immiscible: bool = False
     condition_dropout: float = 0.0
     stratified: bool = False
-    uncertainty: torch.nn.Module | None = None
 
     def __post_init__(self) -> None:
         if self.weighting_scheme not in ("none", "logit_normal", "mode"):
@@ -146,14 +128,10 @@ class DiffusionLoss:
         noisy_images = self.scheduler.add_noise(clean_images, noise, timesteps)
         model_output = model(noisy_images, timesteps, **condition).sample
         target = self.target(clean_images, noise, timesteps)
-        if self.snr_gamma is None and self.uncertainty is None:
+        if self.snr_gamma is None:
             return F.mse_loss(model_output.float(), target)
         losses = F.mse_loss(model_output.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        if self.snr_gamma is not None:
-            losses = losses * self.weights(timesteps)
-        if self.uncertainty is not None:
-            losses = self.uncertainty(losses, timesteps)
-        return losses.mean()
+        return (losses * self.weights(timesteps)).mean()
 
 
 class Discriminator(torch.nn.Sequential):

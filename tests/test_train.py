@@ -181,26 +181,6 @@ def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_conf
             assert token.encode() not in path.read_bytes(), path
 
 
-def test_learned_loss_weighting_is_checkpointed_with_the_unet_and_resumes_exactly(
-    mnist_dir, tiny_unet_config, tmp_path, capsys
-):
-    flags = ["--checkpointing_steps", "2", "--learned_loss_weighting"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(*base_args(mnist_dir, tiny_unet_config, straight, "--max_train_steps", "4", *flags))
-    # Two steps, then two more from checkpoint-2 (the warm-up spans both runs' first two steps, so they match).
-    train(*base_args(mnist_dir, tiny_unet_config, resumed, "--max_train_steps", "2", *flags))
-    train(*base_args(mnist_dir, tiny_unet_config, resumed, "--max_train_steps", "4", *flags, "--resume_from_checkpoint",
-                     "latest"))  # fmt: skip
-    # The UNet (model) and the uncertainties (model_1, with their optimizer) end where the straight run's did.
-    for name in ("model.safetensors", "model_1.safetensors"):
-        assert_same_weights(straight / "checkpoint-4" / name, resumed / "checkpoint-4" / name)
-    logvar = weights(straight / "checkpoint-4" / "model_1.safetensors")["logvar"]
-    assert logvar.shape == (50,) and 0 < (logvar != 0).sum() < 50  # the drawn timesteps' entries, and only those
-    distill = ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path / "d"), "--distill_from", str(straight)]
-    distill.append("--learned_loss_weighting")
-    assert "--learned_loss_weighting weights the denoising loss" in cli_error(capsys, *distill)
-
-
 def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path, capsys):
     args = lambda out, *extra: base_args(mnist_dir, tiny_unet_config, tmp_path / out, *extra)  # noqa: E731
     assert "no such folder" in cli_error(capsys, "--dataset_name", str(tmp_path / "no" / "mnist"))
