@@ -175,6 +175,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=False,
         help="Draw each batch's timesteps from equal slices of the density (stratified sampling).",
     )
+    train.add_argument(
+        "--stable_target_reference_size",
+        type=int,
+        default=0,
+        help="Regress on the posterior mean over each digit and this many reference digits drawn every step, not on "
+        "the digit alone (Stable Target Field). 0: off.",
+    )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
     train.add_argument(
         "--autoguidance_fraction",
@@ -299,6 +306,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--distill_from: the student copies the teacher's UNet, conditioning and noise schedule; drop "
             "--model_config_name_or_path and --conditioning."
+        )
+    if args.stable_target_reference_size < 0 or (
+        args.stable_target_reference_size and (args.distill_from or args.conditioning != "none")
+    ):
+        parser.error(
+            "--stable_target_reference_size must be 0 or positive, and is for unconditional denoising training (its "
+            f"posterior ignores labels; distillation has no such target); got {args.stable_target_reference_size}."
         )
     if not args.guidance_scale >= 1:
         parser.error(f"--guidance_scale must be at least 1 (1: no guidance), got {args.guidance_scale}.")
@@ -773,6 +787,13 @@ def main(args: argparse.Namespace) -> None:
             clean_images = images[batch].float() / 127.5 - 1
             # The global batch's draws, the same on every process: each takes its shard (DiffusionLoss).
             generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, micro_step, 0))
+            targets = {}
+            if args.stable_target_reference_size:  # the same reference digits on every process
+                picks = torch.Generator(device).manual_seed(seed_for(args.seed, 2, global_step, micro_step))
+                picks = torch.randint(
+                    len(images), (args.stable_target_reference_size,), generator=picks, device=device
+                )
+                targets["reference"] = images[picks].float() / 127.5 - 1
             shard = (accelerator.process_index, accelerator.num_processes)
             condition = {}
             if args.conditioning == "class":
@@ -791,7 +812,7 @@ def main(args: argparse.Namespace) -> None:
                     fake_score_optimizer.step()
                     fake_score_optimizer.zero_grad(set_to_none=True)
             with accelerator.accumulate(model), accelerator.autocast():  # autocast: the teacher's calls too
-                loss = loss_fn(model, clean_images, generator, condition, null_condition, shard)
+                loss = loss_fn(model, clean_images, generator, condition, null_condition, shard, **targets)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

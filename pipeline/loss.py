@@ -45,6 +45,9 @@ class DiffusionLoss:
     equal slices of that density instead of each independently (stratified sampling: the same density, less noise in
     each batch's mix of noise levels). `snr_gamma` caps the weight of the easy, low-noise
     steps (min-SNR-γ, Hang et al. 2023, in the form that only lowers weights, safe for every prediction type).
+    Given a `reference` batch of clean digits, the target is the one that the posterior mean of x_0 over the digit and
+    the reference implies (Stable Target Field, Xu et al. 2023), not the digit's own: where the noise hides which digit
+    it was, the target averages over the digits it could have been, with less variance.
     `condition_dropout` replaces conditions by the null condition this often (classifier-free guidance)."""
 
     scheduler: DDPMScheduler
@@ -93,6 +96,22 @@ class DiffusionLoss:
             return clean_images
         raise ValueError(f"Unknown prediction_type {prediction_type!r}.")
 
+    def stable_target(
+        self, clean_images: torch.Tensor, noisy_images: torch.Tensor, timesteps: torch.Tensor, reference: torch.Tensor
+    ) -> torch.Tensor:
+        """STF's target: the posterior mean of x_0 given x_t over each digit and the reference digits, as a target."""
+        alphas_cumprod = self.scheduler.alphas_cumprod.to(clean_images.device)[timesteps].view(-1, 1)
+        alpha, variance = alphas_cumprod.sqrt(), 1 - alphas_cumprod
+        # fp32 whatever the autocast: at low noise the distances are divided by a variance near zero.
+        with torch.autocast(clean_images.device.type, enabled=False):
+            x_t, own, ref = (x.flatten(1).float() for x in (noisy_images, clean_images, reference))
+            own_distance = ((x_t - alpha * own) ** 2).sum(1, keepdim=True)
+            ref_distance = (x_t**2).sum(1, keepdim=True) - 2 * alpha * x_t @ ref.T + alpha**2 * (ref**2).sum(1)
+            posterior = torch.softmax(-torch.cat([own_distance, ref_distance], 1) / (2 * variance), dim=1)
+            x_0 = posterior[:, :1] * own + posterior[:, 1:] @ ref
+        noise = (x_t - alpha * x_0) / variance.sqrt()
+        return self.target(x_0.view_as(clean_images), noise.view_as(clean_images), timesteps)
+
     def weights(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-example loss weights min(1, γ / SNR) for `snr_gamma` γ."""
         alphas_cumprod = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
@@ -107,6 +126,7 @@ class DiffusionLoss:
         condition: dict[str, torch.Tensor] | None = None,
         null_condition: dict[str, torch.Tensor] | None = None,
         shard: tuple[int, int] = (0, 1),
+        reference: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mean loss of `model` on one batch; every random draw comes from `generator`, so resuming is exact.
 
@@ -127,7 +147,10 @@ class DiffusionLoss:
                 condition[name] = torch.where(keep, null_condition[name].to(value.dtype), value)
         noisy_images = self.scheduler.add_noise(clean_images, noise, timesteps)
         model_output = model(noisy_images, timesteps, **condition).sample
-        target = self.target(clean_images, noise, timesteps)
+        if reference is None:
+            target = self.target(clean_images, noise, timesteps)
+        else:
+            target = self.stable_target(clean_images, noisy_images, timesteps, reference)
         if self.snr_gamma is None:
             return F.mse_loss(model_output.float(), target)
         losses = F.mse_loss(model_output.float(), target, reduction="none").mean(dim=(1, 2, 3))

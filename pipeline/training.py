@@ -22,7 +22,7 @@ TRAINING_STATE = "training_state.json"  # the settings it was written with, and 
 # Settings a resumed run may change. The learning-rate schedule is rebuilt from the new ones, from the resume step on.
 SCHEDULE_SETTINGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "num_epochs", "max_train_steps")
 # Settings added after checkpoints began to record theirs, with the value that the runs before them trained with.
-ADDED_SETTINGS = {"stratified_timesteps": False}
+ADDED_SETTINGS = {"stratified_timesteps": False, "stable_target_reference_size": 0}
 # These touch no step's data, noise or update, or (precision, clipping) are what a diverged run needs changed.
 FREE_SETTINGS = (
     "output_dir", "resume_from_checkpoint", "logger", "logging_dir", "save_images_epochs", "save_model_epochs",

@@ -98,6 +98,21 @@ def test_two_machines_train_what_one_process_trains(mnist_dir, tiny_unet_config,
     assert not any((tmp_path / "node1").iterdir())
 
 
+def test_two_cpu_processes_with_stable_targets_train_what_one_process_trains(mnist_dir, tiny_unet_config, tmp_path):
+    # Every process draws the same reference digits; Adam's epsilon 1 as above.
+    flags = ["--max_train_steps", "3", "--checkpointing_steps", "3", "--mixed_precision", "no", "--adam_epsilon", "1"]
+    flags += ["--stable_target_reference_size", "64"]
+    single = tmp_path / "single"
+    train(*base_args(mnist_dir, tiny_unet_config, single, *flags, "--train_batch_size", "32"))
+    ddp = tmp_path / "ddp"  # 2 processes of 16 digits each: the same global batch
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(ROOT / "train_ddpm.py"), *base_args(mnist_dir, tiny_unet_config, ddp, *flags)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_weights(ddp / "checkpoint-3" / "model.safetensors", single / "checkpoint-3" / "model.safetensors")
+
+
 def test_gpu_check_runs_in_dry_run_mode(mnist_dir, tiny_unet_config, tiny_pipeline, tmp_path):
     tiny_pipeline.save_pretrained(tmp_path / "model")
     out = tmp_path / "gpu_check.json"

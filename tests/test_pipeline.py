@@ -66,6 +66,34 @@ def test_stratified_timesteps_follow_the_density_with_little_batch_noise(scheme)
         assert (np.abs(counts - expected).max() <= 2) == stratified
 
 
+def test_the_stable_target_depends_on_the_noisy_digit_not_on_which_digit_made_it():
+    from pipeline.loss import DiffusionLoss, predicted_digit_and_noise
+
+    digits = torch.from_numpy(np.load(ROOT / "tests" / "data" / "mnist_test_500.npz")["images"])[:, None]
+    digits = digits.float() / 127.5 - 1
+    own, reference = digits[:8], digits[8:264]
+    _, scheduler = create_model_and_scheduler()
+    loss = DiffusionLoss(scheduler)
+    noise = torch.randn(own.shape, generator=torch.manual_seed(0))
+    for t in (0, 45, 49):
+        timesteps = torch.full((8,), t)
+        noisy = scheduler.add_noise(own, noise, timesteps)
+        stable = loss.stable_target(own, noisy, timesteps, reference)
+        if t == 0:  # nearly clean: the digit itself is the posterior, and the target the plain one
+            torch.testing.assert_close(stable, loss.target(own, noise, timesteps), atol=1e-4, rtol=0)
+        elif t == 49:  # pure noise: every digit is as likely, and x_0 their mean
+            x_0, _ = predicted_digit_and_noise(scheduler, stable, noisy, timesteps)
+            expected = (own + reference.sum(0)) / (1 + len(reference))
+            torch.testing.assert_close(x_0, expected, atol=0.02, rtol=0)
+        else:  # claim that another digit made the same noisy one: its plain target moves, the stable one hardly
+            other, alone = own.roll(1, 0), reference[:0]  # with no reference digits, the plain target
+            plain_move = loss.stable_target(other, noisy, timesteps, alone) - loss.stable_target(
+                own, noisy, timesteps, alone
+            )
+            stable_move = loss.stable_target(other, noisy, timesteps, reference) - stable
+            assert stable_move.norm() < 0.05 * plain_move.norm()
+
+
 def test_four_levels_at_28_is_a_clear_error(tmp_path):
     config = dict(TINY_UNET, block_out_channels=[8, 16, 16, 16])
     config["down_block_types"] = ["DownBlock2D"] * 4

@@ -181,6 +181,29 @@ def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_conf
             assert token.encode() not in path.read_bytes(), path
 
 
+def test_stable_targets_resume_exactly_and_are_refused_where_they_do_not_apply(
+    mnist_dir, tiny_unet_config, tmp_path, capsys
+):
+    flags = ["--checkpointing_steps", "2", "--stable_target_reference_size", "64"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(*base_args(mnist_dir, tiny_unet_config, straight, "--max_train_steps", "4", *flags))
+    # Two steps, then two more from checkpoint-2 (the warm-up spans both runs' first two steps, so they match).
+    train(*base_args(mnist_dir, tiny_unet_config, resumed, "--max_train_steps", "2", *flags))
+    train(*base_args(mnist_dir, tiny_unet_config, resumed, "--max_train_steps", "4", *flags, "--resume_from_checkpoint",
+                     "latest"))  # fmt: skip
+    final = "unet/diffusion_pytorch_model.safetensors"
+    assert_same_weights(straight / final, resumed / final)
+    plain = tmp_path / "plain"  # the same run with the digits' own targets trains other weights
+    train(*base_args(mnist_dir, tiny_unet_config, plain, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    with pytest.raises(AssertionError):
+        assert_same_weights(straight / final, plain / final)
+    for extra in (["--conditioning", "class"], ["--distill_from", str(straight)], []):
+        size = "-1" if not extra else "64"
+        args = ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path / "x"), *extra]
+        message = cli_error(capsys, *args, "--stable_target_reference_size", size)
+        assert "--stable_target_reference_size must be 0 or positive, and is for unconditional" in message
+
+
 def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path, capsys):
     args = lambda out, *extra: base_args(mnist_dir, tiny_unet_config, tmp_path / out, *extra)  # noqa: E731
     assert "no such folder" in cli_error(capsys, "--dataset_name", str(tmp_path / "no" / "mnist"))
