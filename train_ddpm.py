@@ -789,9 +789,9 @@ def main(args: argparse.Namespace) -> None:
             generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, micro_step, 0))
             targets = {}
             if args.stable_target_reference_size:  # the same reference digits on every process
-                picks = torch.Generator(device).manual_seed(seed_for(args.seed, 2, global_step, micro_step))
+                draws = torch.Generator(device).manual_seed(seed_for(args.seed, 2, global_step, micro_step))
                 picks = torch.randint(
-                    len(images), (args.stable_target_reference_size,), generator=picks, device=device
+                    len(images), (args.stable_target_reference_size,), generator=draws, device=device
                 )
                 targets["reference"] = images[picks].float() / 127.5 - 1
             shard = (accelerator.process_index, accelerator.num_processes)
