@@ -104,6 +104,16 @@ def train(*argv: str) -> None:
     train_ddpm.main(train_ddpm.parse_args(list(argv)))
 
 
+def train_in_processes(*argv: str, num_processes: int = 2) -> None:
+    """Run `train_ddpm.py ARGV` in `num_processes` CPU processes on this machine (torch.distributed.run)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [*command, str(ROOT / "train_ddpm.py"), *argv], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file as a state dict."""
     return load_file(str(path))

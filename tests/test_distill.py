@@ -2,14 +2,11 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, base_args, cli_error, run_python, train
+from conftest import ROOT, assert_same_weights, base_args, cli_error, run_python, train, train_in_processes
 from diffusers import DDPMScheduler, LCMScheduler
 
 from pipeline import MNISTDiffusionPipeline
@@ -95,11 +92,7 @@ def test_two_cpu_processes_distil_what_one_process_distils(mnist_dir, teacher, t
     single = tmp_path / "single"
     train(*distill_args(mnist_dir, teacher, single, *flags), "--train_batch_size", "32")
     ddp = tmp_path / "ddp"  # 2 processes of 16 digits each: the same global batch
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(ROOT / "train_ddpm.py"), *distill_args(mnist_dir, teacher, ddp, *flags)]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_processes(*distill_args(mnist_dir, teacher, ddp, *flags))
     # The student (model), the discriminator (model_1) and the fake score (model_2) end where one process's did.
     for name in ("model.safetensors", "model_1.safetensors", "model_2.safetensors"):
         assert_same_weights(ddp / "checkpoint-3" / name, single / "checkpoint-3" / name)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_same_weights, base_args, train
+from conftest import ROOT, assert_same_weights, base_args, train, train_in_processes
 
 from pipeline import create_model_and_scheduler
 from pipeline.loss import DiffusionLoss
@@ -105,11 +105,7 @@ def test_two_cpu_processes_with_stable_targets_train_what_one_process_trains(mni
     single = tmp_path / "single"
     train(*base_args(mnist_dir, tiny_unet_config, single, *flags, "--train_batch_size", "32"))
     ddp = tmp_path / "ddp"  # 2 processes of 16 digits each: the same global batch
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(ROOT / "train_ddpm.py"), *base_args(mnist_dir, tiny_unet_config, ddp, *flags)]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_processes(*base_args(mnist_dir, tiny_unet_config, ddp, *flags))
     assert_same_weights(ddp / "checkpoint-3" / "model.safetensors", single / "checkpoint-3" / "model.safetensors")
 
 
