@@ -218,10 +218,12 @@ def test_resuming_applies_a_new_learning_rate_and_refuses_settings_that_break_ex
 
 def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_old_value():
     saved = {"seed": 0, "weighting_scheme": "logit_normal"}  # written before --stratified_timesteps existed
-    current = {**saved, "stratified_timesteps": False}
+    current = {**saved, "stratified_timesteps": False, "stable_target_reference_size": 0}
     assert setting_changes(saved, current) == ([], [])
     breaking, _ = setting_changes(saved, {**current, "stratified_timesteps": True})
     assert breaking == ["--stratified_timesteps: False -> True"]
+    breaking, _ = setting_changes(saved, {**current, "stable_target_reference_size": 4096})
+    assert breaking == ["--stable_target_reference_size: 0 -> 4096"]
 
 
 def test_one_run_at_a_time_per_output_dir_and_a_dead_run_frees_it(mnist_dir, tiny_unet_config, tmp_path, capsys):
