@@ -773,6 +773,11 @@ def main(args: argparse.Namespace) -> None:
     stop = StopSignals()  # SIGTERM or Ctrl-C: finish the step, checkpoint, say how to resume
     clock.start(state["train_minutes"] if state is not None else 0.0)
     permutation, permutation_epoch = None, None
+
+    def digits(indices: torch.Tensor) -> torch.Tensor:
+        """The train digits at `indices`, scaled to [-1, 1] as the model sees them."""
+        return images[indices].float() / 127.5 - 1
+
     model.train()
     while global_step < max_train_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
@@ -784,7 +789,7 @@ def main(args: argparse.Namespace) -> None:
                 micro_batch_slice(step_in_epoch, micro_step, args.gradient_accumulation_steps,
                                   accelerator.num_processes, accelerator.process_index, args.train_batch_size)
             ]  # fmt: skip
-            clean_images = images[batch].float() / 127.5 - 1
+            clean_images = digits(batch)
             # The global batch's draws, the same on every process: each takes its shard (DiffusionLoss).
             generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, micro_step, 0))
             targets = {}
@@ -793,7 +798,7 @@ def main(args: argparse.Namespace) -> None:
                 picks = torch.randint(
                     len(images), (args.stable_target_reference_size,), generator=draws, device=device
                 )
-                targets["reference"] = images[picks].float() / 127.5 - 1
+                targets["reference"] = digits(picks)
             shard = (accelerator.process_index, accelerator.num_processes)
             condition = {}
             if args.conditioning == "class":
