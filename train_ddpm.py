@@ -178,9 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument(
         "--stable_target_reference_size",
         type=int,
-        default=0,
+        default=None,
         help="Regress on the posterior mean over each digit and this many reference digits drawn every step, not on "
-        "the digit alone (Stable Target Field). 0: off.",
+        "the digit alone (Stable Target Field). 0: off. Default: 4096 for unconditional denoising training, else 0.",
     )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
     train.add_argument(
@@ -307,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--distill_from: the student copies the teacher's UNet, conditioning and noise schedule; drop "
             "--model_config_name_or_path and --conditioning."
         )
+    if args.stable_target_reference_size is None:
+        args.stable_target_reference_size = 0 if args.distill_from or args.conditioning != "none" else 4096
     if args.stable_target_reference_size < 0 or (
         args.stable_target_reference_size and (args.distill_from or args.conditioning != "none")
     ):
