@@ -194,12 +194,15 @@ def test_stable_targets_resume_exactly_and_are_refused_where_they_do_not_apply(
     final = "unet/diffusion_pytorch_model.safetensors"
     assert_same_weights(straight / final, resumed / final)
     plain = tmp_path / "plain"  # the same run with the digits' own targets trains other weights
-    train(*base_args(mnist_dir, tiny_unet_config, plain, "--max_train_steps", "4", "--checkpointing_steps", "2"))
+    train(*base_args(mnist_dir, tiny_unet_config, plain, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--stable_target_reference_size", "0"))  # fmt: skip
     with pytest.raises(AssertionError):
         assert_same_weights(straight / final, plain / final)
-    for extra in (["--conditioning", "class"], ["--distill_from", str(straight)], []):
-        size = "-1" if not extra else "64"
+    # On by default where it applies; conditional training and distillation default to plain targets.
+    for extra, default in ((["--conditioning", "class"], 0), (["--distill_from", str(straight)], 0), ([], 4096)):
         args = ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path / "x"), *extra]
+        assert train_ddpm.parse_args(args).stable_target_reference_size == default
+        size = "-1" if not extra else "64"
         message = cli_error(capsys, *args, "--stable_target_reference_size", size)
         assert "--stable_target_reference_size must be 0 or positive, and is for unconditional" in message
 
