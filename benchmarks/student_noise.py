@@ -93,7 +93,8 @@ def main() -> None:
     real = reference_features(args.dataset_name, "test")
     rows = []
     for gamma, noise_scale in settings:
-        pipe, sampler, steps = load_sampler(args.model)
+        # The row's scale replaces the folder's saved one: the pipeline would otherwise multiply the two.
+        pipe, sampler, steps = load_sampler(args.model, noise_scale=1.0)
         if sampler != "lcm":
             raise SystemExit(f"{args.model} samples with {sampler}, not a distilled model's LCM sampler.")
         pipe.scheduler = NoiseLCMScheduler.from_config(pipe.scheduler.config)

@@ -265,6 +265,30 @@ def test_student_noise_benchmark_sampler_is_lcm_at_gamma_1_and_noise_scale_1(mon
     assert not torch.allclose(finals["gamma 0"], finals["lcm"])  # keeping the predicted noise changes the path
 
 
+def test_student_noise_benchmark_rows_do_not_depend_on_the_folders_saved_noise_scale(
+    tiny_pipeline, mnist_dir, tmp_path, monkeypatch
+):
+    """Each row of benchmarks/student_noise.py samples at its own scale, not at that times the folder's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    import student_noise
+
+    config = dict(tiny_pipeline.scheduler.config, timestep_spacing="trailing")
+    pipe = MNISTDiffusionPipeline(unet=tiny_pipeline.unet, scheduler=LCMScheduler.from_config(config))
+    fids = {}
+    for saved in (1.0, 0.5):
+        pipe.register_to_config(noise_scale=saved)
+        pipe.save_pretrained(tmp_path / str(saved))
+        out = tmp_path / f"{saved}.json"
+        monkeypatch.setattr("sys.argv", ["student_noise.py", "--model", str(tmp_path / str(saved)), "--dataset_name",
+                                         str(mnist_dir), "--num_samples", "8", "--settings", "1:1", "1:0.5", "--out",
+                                         str(out)])  # fmt: skip
+        student_noise.main()
+        fids[saved] = [row["fid"] for row in json.loads(out.read_text())["rows"]]
+    assert fids[1.0] == fids[0.5]
+    assert fids[1.0][0] != fids[1.0][1]  # while the rows' own scales do change the digits
+
+
 def test_noise_scale_is_a_saved_sampling_setting_of_the_consistency_sampler(tiny_pipeline, tmp_path, monkeypatch):
     """`noise_scale` scales the LCM sampler's starting and fresh noise, as the benchmark measured it; `resave` saves it
     as the folder's default; samplers that cannot take it refuse it."""
