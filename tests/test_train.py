@@ -252,7 +252,7 @@ def test_a_checkpoint_written_before_the_layout_change_resumes_to_the_same_weigh
         *("--output_dir", str(out), "--train_batch_size", "16", "--eval_batch_size", "4", "--lr_warmup_steps", "2"),
         *("--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"),
         *("--resume_from_checkpoint", "latest", "--weighting_scheme", "none", "--autoguidance_fraction", "0"),
-        *("--mixed_precision", "no"),
+        *("--mixed_precision", "no", "--stable_target_reference_size", "0"),
     )
     assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors", old / "final_unet.safetensors")
 
