@@ -307,11 +307,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--distill_from: the student copies the teacher's UNet, conditioning and noise schedule; drop "
             "--model_config_name_or_path and --conditioning."
         )
+    plain_denoising = not args.distill_from and args.conditioning == "none"
     if args.stable_target_reference_size is None:
-        args.stable_target_reference_size = 0 if args.distill_from or args.conditioning != "none" else 4096
-    if args.stable_target_reference_size < 0 or (
-        args.stable_target_reference_size and (args.distill_from or args.conditioning != "none")
-    ):
+        args.stable_target_reference_size = 4096 if plain_denoising else 0
+    if args.stable_target_reference_size < 0 or (args.stable_target_reference_size and not plain_denoising):
         parser.error(
             "--stable_target_reference_size must be 0 or positive, and is for unconditional denoising training (its "
             f"posterior ignores labels; distillation has no such target); got {args.stable_target_reference_size}."
@@ -794,7 +793,7 @@ def main(args: argparse.Namespace) -> None:
             clean_images = digits(batch)
             # The global batch's draws, the same on every process: each takes its shard (DiffusionLoss).
             generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, micro_step, 0))
-            targets = {}
+            targets = {}  # only DiffusionLoss takes a reference: the distillation loss is called without one
             if args.stable_target_reference_size:  # the same reference digits on every process
                 draws = torch.Generator(device).manual_seed(seed_for(args.seed, 2, global_step, micro_step))
                 picks = torch.randint(
