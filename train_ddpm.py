@@ -180,7 +180,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="Regress on the posterior mean over each digit and this many reference digits drawn every step, not on "
-        "the digit alone (Stable Target Field). 0: off. Default: 4096 for unconditional denoising training, else 0.",
+        "the digit alone (Stable Target Field); with --conditioning, over the reference digits of its label. 0: off. "
+        "Default: 4096, and 0 for --distill_from.",
     )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
     train.add_argument(
@@ -307,13 +308,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--distill_from: the student copies the teacher's UNet, conditioning and noise schedule; drop "
             "--model_config_name_or_path and --conditioning."
         )
-    plain_denoising = not args.distill_from and args.conditioning == "none"
     if args.stable_target_reference_size is None:
-        args.stable_target_reference_size = 4096 if plain_denoising else 0
-    if args.stable_target_reference_size < 0 or (args.stable_target_reference_size and not plain_denoising):
+        args.stable_target_reference_size = 0 if args.distill_from else 4096
+    if args.stable_target_reference_size < 0 or (args.stable_target_reference_size and args.distill_from):
         parser.error(
-            "--stable_target_reference_size must be 0 or positive, and is for unconditional denoising training (its "
-            f"posterior ignores labels; distillation has no such target); got {args.stable_target_reference_size}."
+            "--stable_target_reference_size must be 0 or positive, and is for denoising training (a distilled "
+            f"student's target is its teacher's); got {args.stable_target_reference_size}."
         )
     if not args.guidance_scale >= 1:
         parser.error(f"--guidance_scale must be at least 1 (1: no guidance), got {args.guidance_scale}.")
@@ -800,6 +800,8 @@ def main(args: argparse.Namespace) -> None:
                     len(images), (args.stable_target_reference_size,), generator=draws, device=device
                 )
                 targets["reference"] = digits(picks)
+                if args.conditioning != "none":  # a label (or its caption) rules out the other classes' digits
+                    targets["reference_match"] = labels[batch, None] == labels[picks]
             shard = (accelerator.process_index, accelerator.num_processes)
             condition = {}
             if args.conditioning == "class":

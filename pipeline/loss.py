@@ -47,7 +47,8 @@ class DiffusionLoss:
     steps (min-SNR-γ, Hang et al. 2023, in the form that only lowers weights, safe for every prediction type).
     Given a `reference` batch of clean digits, the target is the one that the posterior mean of x_0 over the digit and
     the reference implies (Stable Target Field, Xu et al. 2023), not the digit's own: where the noise hides which digit
-    it was, the target averages over the digits it could have been, with less variance.
+    it was, the target averages over the digits it could have been, with less variance. `reference_match` keeps each
+    digit's posterior to the reference digits of its own condition (its class), except where the condition is dropped.
     `condition_dropout` replaces conditions by the null condition this often (classifier-free guidance)."""
 
     scheduler: DDPMScheduler
@@ -97,9 +98,14 @@ class DiffusionLoss:
         raise ValueError(f"Unknown prediction_type {prediction_type!r}.")
 
     def stable_target(
-        self, clean_images: torch.Tensor, noisy_images: torch.Tensor, timesteps: torch.Tensor, reference: torch.Tensor
+        self,
+        clean_images: torch.Tensor,
+        noisy_images: torch.Tensor,
+        timesteps: torch.Tensor,
+        reference: torch.Tensor,
+        reference_match: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """STF's target: the posterior mean of x_0 given x_t over each digit and the reference digits, as a target."""
+        """STF's target: the posterior mean of x_0 given x_t over each digit and the reference digits it may be."""
         alphas_cumprod = self.scheduler.alphas_cumprod.to(clean_images.device)[timesteps].view(-1, 1)
         alpha, variance = alphas_cumprod.sqrt(), 1 - alphas_cumprod
         # fp32 whatever the autocast: at low noise the distances are divided by a variance near zero.
@@ -107,6 +113,8 @@ class DiffusionLoss:
             x_t, own, ref = (x.flatten(1).float() for x in (noisy_images, clean_images, reference))
             own_distance = ((x_t - alpha * own) ** 2).sum(1, keepdim=True)
             ref_distance = (x_t**2).sum(1, keepdim=True) - 2 * alpha * x_t @ ref.T + alpha**2 * (ref**2).sum(1)
+            if reference_match is not None:
+                ref_distance = ref_distance.masked_fill(~reference_match, torch.inf)
             posterior = torch.softmax(-torch.cat([own_distance, ref_distance], 1) / (2 * variance), dim=1)
             x_0 = posterior[:, :1] * own + posterior[:, 1:] @ ref
         noise = (x_t - alpha * x_0) / variance.sqrt()
@@ -127,6 +135,7 @@ class DiffusionLoss:
         null_condition: dict[str, torch.Tensor] | None = None,
         shard: tuple[int, int] = (0, 1),
         reference: torch.Tensor | None = None,
+        reference_match: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mean loss of `model` on one batch; every random draw comes from `generator`, so resuming is exact.
 
@@ -140,6 +149,7 @@ class DiffusionLoss:
         if self.immiscible:
             noise = immiscible_noise(clean_images, noise)
         condition = dict(condition or {})
+        dropped = torch.zeros(size, dtype=torch.bool, device=device)
         if condition and self.condition_dropout > 0:
             dropped = torch.rand(size * shard[1], generator=generator, device=device)[part] < self.condition_dropout
             for name, value in condition.items():
@@ -149,8 +159,9 @@ class DiffusionLoss:
         model_output = model(noisy_images, timesteps, **condition).sample
         if reference is None:
             target = self.target(clean_images, noise, timesteps)
-        else:
-            target = self.stable_target(clean_images, noisy_images, timesteps, reference)
+        else:  # a dropped condition no longer rules out the other classes' digits
+            match = None if reference_match is None else reference_match | dropped[:, None]
+            target = self.stable_target(clean_images, noisy_images, timesteps, reference, match)
         if self.snr_gamma is None:
             return F.mse_loss(model_output.float(), target)
         losses = F.mse_loss(model_output.float(), target, reduction="none").mean(dim=(1, 2, 3))

@@ -94,6 +94,39 @@ def test_the_stable_target_depends_on_the_noisy_digit_not_on_which_digit_made_it
             assert stable_move.norm() < 0.05 * plain_move.norm()
 
 
+def test_a_conditional_stable_target_keeps_to_its_class_unless_the_condition_is_dropped():
+    from types import SimpleNamespace
+
+    from pipeline.loss import DiffusionLoss, predicted_digit_and_noise
+
+    data = np.load(ROOT / "tests" / "data" / "mnist_test_500.npz")
+    digits, labels = torch.from_numpy(data["images"])[:, None].float() / 127.5 - 1, torch.from_numpy(data["labels"])
+    own, reference = digits[:8], digits[8:]
+    match = labels[:8, None] == labels[8:]
+    _, scheduler = create_model_and_scheduler()
+    loss = DiffusionLoss(scheduler)
+    timesteps = torch.full((8,), 49)  # pure noise: x_0 is the mean of the digits the posterior keeps
+    noisy = scheduler.add_noise(own, torch.randn(own.shape, generator=torch.manual_seed(0)), timesteps)
+    x_0, _ = predicted_digit_and_noise(scheduler, loss.stable_target(own, noisy, timesteps, reference, match), noisy,
+                                       timesteps)  # fmt: skip
+    for i in range(8):
+        class_mean = (own[i] + reference[match[i]].sum(0)) / (1 + match[i].sum())
+        torch.testing.assert_close(x_0[i], class_mean, atol=0.02, rtol=0)
+    # Through the loss: a model that predicts zeros scores the targets' mean square. With no reference digit of its
+    # class a digit's target is its plain one; with every condition dropped, the posterior is over all of them.
+    zeros = lambda x, t, **condition: SimpleNamespace(sample=torch.zeros_like(x))  # noqa: E731
+    condition, null = {"class_labels": labels[:8]}, {"class_labels": torch.tensor(10)}
+    none = torch.zeros_like(match)
+
+    def score(dropout: float, **targets) -> torch.Tensor:
+        step = DiffusionLoss(scheduler, condition_dropout=dropout)
+        return step(zeros, own, torch.manual_seed(1), condition, null, **targets)
+
+    torch.testing.assert_close(score(0.0, reference=reference, reference_match=none), score(0.0))
+    torch.testing.assert_close(score(1.0, reference=reference, reference_match=none), score(1.0, reference=reference))
+    assert not torch.allclose(score(0.0, reference=reference, reference_match=match), score(0.0))
+
+
 def test_four_levels_at_28_is_a_clear_error(tmp_path):
     config = dict(TINY_UNET, block_out_channels=[8, 16, 16, 16])
     config["down_block_types"] = ["DownBlock2D"] * 4

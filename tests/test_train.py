@@ -181,7 +181,7 @@ def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_conf
             assert token.encode() not in path.read_bytes(), path
 
 
-def test_stable_targets_resume_exactly_and_are_refused_where_they_do_not_apply(
+def test_stable_targets_resume_exactly_keep_to_the_label_and_are_refused_where_they_do_not_apply(
     mnist_dir, tiny_unet_config, tmp_path, capsys
 ):
     flags = ["--checkpointing_steps", "2", "--stable_target_reference_size", "64"]
@@ -198,13 +198,19 @@ def test_stable_targets_resume_exactly_and_are_refused_where_they_do_not_apply(
                      "--stable_target_reference_size", "0"))  # fmt: skip
     with pytest.raises(AssertionError):
         assert_same_weights(straight / final, plain / final)
-    # On by default where it applies; conditional training and distillation default to plain targets.
-    for extra, default in ((["--conditioning", "class"], 0), (["--distill_from", str(straight)], 0), ([], 4096)):
+    # A class-conditional run keeps each digit's posterior to its class: other weights than its plain-target twin.
+    for size in ("64", "0"):
+        train(*base_args(mnist_dir, tiny_unet_config, tmp_path / f"class_{size}", "--max_train_steps", "2",
+                         "--conditioning", "class", "--stable_target_reference_size", size))  # fmt: skip
+    with pytest.raises(AssertionError):
+        assert_same_weights(tmp_path / "class_64" / final, tmp_path / "class_0" / final)
+    # On by default for denoising training, conditional too; distillation defaults to its teacher's targets.
+    for extra, default in ((["--conditioning", "class"], 4096), (["--distill_from", str(straight)], 0), ([], 4096)):
         args = ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path / "x"), *extra]
         assert train_ddpm.parse_args(args).stable_target_reference_size == default
-        size = "-1" if not extra else "64"
+        size = "64" if "--distill_from" in extra else "-1"
         message = cli_error(capsys, *args, "--stable_target_reference_size", size)
-        assert "--stable_target_reference_size must be 0 or positive, and is for unconditional" in message
+        assert "--stable_target_reference_size must be 0 or positive, and is for denoising training" in message
 
 
 def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path, capsys):
