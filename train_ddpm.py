@@ -775,9 +775,7 @@ def main(args: argparse.Namespace) -> None:
     clock.start(state["train_minutes"] if state is not None else 0.0)
     permutation, permutation_epoch = None, None
 
-    def digits(indices: torch.Tensor) -> torch.Tensor:
-        """The train digits at `indices`, scaled to [-1, 1] as the model sees them."""
-        return images[indices].float() / 127.5 - 1
+    digits = images.float() / 127.5 - 1  # in [-1, 1] as the model sees them, once: stable targets gather thousands
 
     model.train()
     while global_step < max_train_steps:
@@ -790,7 +788,7 @@ def main(args: argparse.Namespace) -> None:
                 micro_batch_slice(step_in_epoch, micro_step, args.gradient_accumulation_steps,
                                   accelerator.num_processes, accelerator.process_index, args.train_batch_size)
             ]  # fmt: skip
-            clean_images = digits(batch)
+            clean_images = digits[batch]
             # The global batch's draws, the same on every process: each takes its shard (DiffusionLoss).
             generator = torch.Generator(device).manual_seed(seed_for(args.seed, 1, global_step, micro_step, 0))
             targets = {}  # only DiffusionLoss takes a reference: the distillation loss is called without one
@@ -799,7 +797,7 @@ def main(args: argparse.Namespace) -> None:
                 picks = torch.randint(
                     len(images), (args.stable_target_reference_size,), generator=draws, device=device
                 )
-                targets["reference"] = digits(picks)
+                targets["reference"] = digits[picks]
                 if args.conditioning != "none":  # a label (or its caption) rules out the other classes' digits
                     targets["reference_match"] = labels[batch, None] == labels[picks]
             shard = (accelerator.process_index, accelerator.num_processes)
