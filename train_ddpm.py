@@ -181,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Regress on the posterior mean over each digit and this many reference digits drawn every step, not on "
         "the digit alone (Stable Target Field); with --conditioning, over the reference digits of its label. 0: off. "
-        "Default: 4096, and 0 for --distill_from.",
+        "Default: 16384, and 0 for --distill_from.",
     )
     train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
     train.add_argument(
@@ -309,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--model_config_name_or_path and --conditioning."
         )
     if args.stable_target_reference_size is None:
-        args.stable_target_reference_size = 0 if args.distill_from else 4096
+        args.stable_target_reference_size = 0 if args.distill_from else 16384
     if args.stable_target_reference_size < 0 or (args.stable_target_reference_size and args.distill_from):
         parser.error(
             "--stable_target_reference_size must be 0 or positive, and is for denoising training (a distilled "

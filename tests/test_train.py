@@ -205,7 +205,7 @@ def test_stable_targets_resume_exactly_keep_to_the_label_and_are_refused_where_t
     with pytest.raises(AssertionError):
         assert_same_weights(tmp_path / "class_64" / final, tmp_path / "class_0" / final)
     # On by default for denoising training, conditional too; distillation defaults to its teacher's targets.
-    for extra, default in ((["--conditioning", "class"], 4096), (["--distill_from", str(straight)], 0), ([], 4096)):
+    for extra, default in ((["--conditioning", "class"], 16384), (["--distill_from", str(straight)], 0), ([], 16384)):
         args = ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path / "x"), *extra]
         assert train_ddpm.parse_args(args).stable_target_reference_size == default
         size = "64" if "--distill_from" in extra else "-1"
