@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.training_utils import EMAModel
-from machine import describe, matmul_tflops
+from machine import describe
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -323,19 +323,18 @@ def main() -> None:
 
     train_flops, convolution_flops, forward_flops = flops_per_image()
     share = convolution_share(train_steps["ours"], device)
-    peaks = {
-        str(dtype).removeprefix("torch."): 1e12 * matmul_tflops(dtype, device)
-        for dtype in (torch.float32, torch.bfloat16)
-    }
+    peaks = {name: 1e12 * tflops for name, tflops in machine["matmul_tflops"].items() if tflops is not None}
+    peak_dtype = "bf16" if default_mixed_precision() == "bf16" else "fp32"  # the precision ours trains in
     ours_train = results["train"]["ours"]["images_per_s"]
     results.update(
         train_gflop_per_image=train_flops / 1e9,
         forward_gflop_per_image=forward_flops / 1e9,
         matmul_peak_tflops={k: v / 1e12 for k, v in peaks.items()},
-        train_fraction_of_bf16_peak=ours_train * train_flops / peaks["bfloat16"],
+        peak_dtype=peak_dtype,
+        train_fraction_of_peak=ours_train * train_flops / peaks[peak_dtype],
         # Convolutions are nearly all the FLOPs: their speed bounds ours even if everything else took no time.
         convolution_share_of_train_time=share,
-        convolution_fraction_of_bf16_peak=ours_train * convolution_flops / share / peaks["bfloat16"],
+        convolution_fraction_of_peak=ours_train * convolution_flops / share / peaks[peak_dtype],
         train_speedup_if_only_convolutions=ours_train / share / results["train"]["baseline"]["images_per_s"],
         train_speedup=ours_train / results["train"]["baseline"]["images_per_s"],
         sample_speedup=results["sample"][label]["images_per_s"]
@@ -354,10 +353,10 @@ def main() -> None:
         print(f"| {name} | {figures['seconds_per_10000']:.0f} | {figures['images_per_s']:.1f} |")
     print(f"\nUNet: {train_flops / 1e9:.2f} GFLOP per image per training step, {forward_flops / 1e9:.2f} per forward")
     print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
-    print(f"ours trains at {results['train_fraction_of_bf16_peak']:.0%} of the bf16 matmul peak")
+    print(f"ours trains at {results['train_fraction_of_peak']:.0%} of the {peak_dtype} matmul peak")
     print(
-        f"convolutions take {share:.0%} of ours' step, at {results['convolution_fraction_of_bf16_peak']:.0%} of the "
-        f"bf16 peak; with all else free, ours would be {results['train_speedup_if_only_convolutions']:.2f}x the baseline"
+        f"convolutions take {share:.0%} of ours' step, at {results['convolution_fraction_of_peak']:.0%} of the "
+        f"{peak_dtype} peak; with all else free, ours would be {results['train_speedup_if_only_convolutions']:.2f}x the baseline"
     )
     print(f"train_speedup: {results['train_speedup']:.2f}")
     print(f"sample_speedup: {results['sample_speedup']:.2f}")
