@@ -372,6 +372,11 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
     if mixed_precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("This GPU cannot do bf16; use --mixed_precision fp16 or no.")
+    if mixed_precision == "bf16" and accelerator.device.type == "cpu" and default_mixed_precision() != "bf16":
+        logger.warning(
+            "This CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times slower than fp32. "
+            "Use --mixed_precision no."
+        )
     return accelerator
 
 

@@ -1,6 +1,7 @@
 """train_ddpm.py end to end: training, saving, exact resume, two processes, the Hub, and bad input."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from conftest import ROOT, assert_same_weights, base_args, cli_error, run_python, train, weights
 from PIL import Image
 
@@ -224,6 +226,19 @@ def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path
     missing = cli_error(capsys, *args("a", "--resume_from_checkpoint", str(tmp_path / "checkpoint-7")))
     assert "is not a checkpoint-N folder" in missing
     assert not (tmp_path / "a").exists()  # nothing was written by any of these
+
+
+def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_about(mnist_dir, tmp_path, monkeypatch, caplog):
+    args = train_ddpm.parse_args(
+        ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path), "--mixed_precision", "bf16"]
+    )
+    for native in ("bf16", "no"):
+        monkeypatch.setattr(train_ddpm, "default_mixed_precision", lambda native=native: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert train_ddpm.make_accelerator(args).mixed_precision == "bf16"
+        AcceleratorState._reset_state(reset_partial_state=True)
+        assert ("has no native bf16" in caplog.text) == (native == "no")
 
 
 def test_output_dir_and_checkpoints_are_protected(mnist_dir, tiny_unet_config, tmp_path, capsys):
