@@ -42,7 +42,7 @@ def describe(device: torch.device) -> dict:
         info["cpu_flags"] = [flag for flag in CPU_FLAGS if flag in flags]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-    # Where bf16 is not native (a CPU with AVX2 alone) torch emulates it at a few GFLOP/s: minutes for this matmul.
+    # Where bf16 is not native (a CPU with AVX2 alone) torch emulates it, far slower than fp32: minutes for this matmul.
     native_bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
     info["matmul_tflops"] = {
         "fp32": matmul_tflops(torch.float32, device),
