@@ -323,18 +323,17 @@ def main() -> None:
 
     train_flops, convolution_flops, forward_flops = flops_per_image()
     share = convolution_share(train_steps["ours"], device)
-    peaks = {name: 1e12 * tflops for name, tflops in machine["matmul_tflops"].items() if tflops is not None}
     peak_dtype = "bf16" if default_mixed_precision() == "bf16" else "fp32"  # the precision ours trains in
+    peak = 1e12 * machine["matmul_tflops"][peak_dtype]
     ours_train = results["train"]["ours"]["images_per_s"]
     results.update(
         train_gflop_per_image=train_flops / 1e9,
         forward_gflop_per_image=forward_flops / 1e9,
-        matmul_peak_tflops={k: v / 1e12 for k, v in peaks.items()},
         peak_dtype=peak_dtype,
-        train_fraction_of_peak=ours_train * train_flops / peaks[peak_dtype],
+        train_fraction_of_peak=ours_train * train_flops / peak,
         # Convolutions are nearly all the FLOPs: their speed bounds ours even if everything else took no time.
         convolution_share_of_train_time=share,
-        convolution_fraction_of_peak=ours_train * convolution_flops / share / peaks[peak_dtype],
+        convolution_fraction_of_peak=ours_train * convolution_flops / share / peak,
         train_speedup_if_only_convolutions=ours_train / share / results["train"]["baseline"]["images_per_s"],
         train_speedup=ours_train / results["train"]["baseline"]["images_per_s"],
         sample_speedup=results["sample"][label]["images_per_s"]
@@ -352,7 +351,7 @@ def main() -> None:
     for name, figures in results["shipped"].items():
         print(f"| {name} | {figures['seconds_per_10000']:.0f} | {figures['images_per_s']:.1f} |")
     print(f"\nUNet: {train_flops / 1e9:.2f} GFLOP per image per training step, {forward_flops / 1e9:.2f} per forward")
-    print("matmul peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in peaks.items()))
+    print("matmul peak: " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in machine["matmul_tflops"].items() if v))
     print(f"ours trains at {results['train_fraction_of_peak']:.0%} of the {peak_dtype} matmul peak")
     print(
         f"convolutions take {share:.0%} of ours' step, at {results['convolution_fraction_of_peak']:.0%} of the "
