@@ -43,6 +43,7 @@ from pipeline.sampling import (
     generate,
     load_pipeline,
     make_scheduler,
+    native_bf16,
 )
 from pipeline.training import (
     CHECKPOINT_CONFIG,
@@ -372,7 +373,7 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
         raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
     if mixed_precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("This GPU cannot do bf16; use --mixed_precision fp16 or no.")
-    if mixed_precision == "bf16" and accelerator.device.type == "cpu" and default_mixed_precision() != "bf16":
+    if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not native_bf16(accelerator.device):
         logger.warning(
             "This CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times slower than fp32. "
             "Use --mixed_precision no."

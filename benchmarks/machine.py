@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from pipeline.sampling import native_bf16
+
 # The CPU features that decide which kernels torch can use here (bf16 needs avx512_bf16 or amx_bf16).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -43,10 +45,9 @@ def describe(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     # Where bf16 is not native (a CPU with AVX2 alone) torch emulates it, far slower than fp32: minutes for this matmul.
-    native_bf16 = device.type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
     info["matmul_tflops"] = {
         "fp32": matmul_tflops(torch.float32, device),
-        "bf16": matmul_tflops(torch.bfloat16, device) if native_bf16 else None,
+        "bf16": matmul_tflops(torch.bfloat16, device) if native_bf16(device) else None,
     }
     return info
 

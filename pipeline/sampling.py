@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -61,18 +62,32 @@ def make_scheduler(name: str, config: dict, custom_timesteps: bool = False) -> S
     return cls.from_config(config, timestep_spacing="trailing", **settings)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 natively (Ampere+ GPUs, CPUs with AVX512-BF16 or AMX); elsewhere torch emulates
+    it, several times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def default_mixed_precision() -> str:
-    """bf16 where the hardware runs it natively (Ampere+ GPUs, CPUs with AVX512-BF16 or AMX), else no."""
+    """bf16 where the device that training would use runs it natively, else no."""
     if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    if torch.backends.mps.is_available():
-        return "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+        device = torch.device("cuda")
+    else:
+        device = torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return "bf16" if native_bf16(device) else "no"
 
 
 def sampling_precision(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """bf16 autocast for sampling where the hardware has it ("auto") or when asked ("bf16"); else nothing."""
-    if precision == "bf16" or (precision == "auto" and default_mixed_precision() == "bf16"):
+    """bf16 autocast for sampling where `device` has it ("auto") or when asked ("bf16"); else nothing."""
+    if precision == "bf16" and not native_bf16(device):
+        warnings.warn(
+            f"This {device.type} has no native bf16 (a CPU needs AVX512-BF16 or AMX): torch emulates it, several "
+            "times slower than fp32. Use --precision auto or fp32.",
+            stacklevel=2,
+        )
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
         return torch.autocast(device.type, torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -1,6 +1,7 @@
 """`mnist-diffusion`: sampling and the pictures, on a tiny saved pipeline."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -102,6 +103,18 @@ def test_sample_in_two_processes_draws_the_same_digits(model_dir, tmp_path, tiny
     assert np.abs(expected["bf16"] - expected["fp32"]).max() > 1
     with pytest.raises(ValueError, match="num_processes=1"):
         next(generate_batches(tiny_pipeline, 2, 0, 2, 4, callback_on_step_end=lambda *a: {}, num_processes=2))
+
+
+def test_bf16_sampling_on_a_cpu_that_would_emulate_it_is_warned_about(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr("pipeline.sampling.native_bf16", lambda device, native=native: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            asked, auto = sampling_precision(cpu, "bf16"), sampling_precision(cpu)
+        assert isinstance(asked, torch.autocast)  # what was asked for, with a warning where it is emulated
+        assert isinstance(auto, torch.autocast) == native
+        assert any("has no native bf16" in str(w.message) for w in caught) == (not native)
 
 
 def test_ddim_is_diffusers_ddim_and_takes_any_step_count(tiny_pipeline):

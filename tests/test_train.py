@@ -232,13 +232,13 @@ def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_about(mnist_dir, tmp_path
     args = train_ddpm.parse_args(
         ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path), "--mixed_precision", "bf16"]
     )
-    for native in ("bf16", "no"):
-        monkeypatch.setattr(train_ddpm, "default_mixed_precision", lambda native=native: native)
+    for native in (True, False):
+        monkeypatch.setattr(train_ddpm, "native_bf16", lambda device, native=native: native)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             assert train_ddpm.make_accelerator(args).mixed_precision == "bf16"
         AcceleratorState._reset_state(reset_partial_state=True)
-        assert ("has no native bf16" in caplog.text) == (native == "no")
+        assert ("has no native bf16" in caplog.text) == (not native)
 
 
 def test_output_dir_and_checkpoints_are_protected(mnist_dir, tiny_unet_config, tmp_path, capsys):
