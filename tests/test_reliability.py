@@ -301,3 +301,32 @@ def test_damaged_weights_in_a_checkpoint_are_named_not_resumed_from_in_a_loop(
     save_file({k: v * 1e30 for k, v in load_file(str(weights)).items()}, str(weights))
     message = cli_error(capsys, *resume)
     assert "the first step after resuming from" in message and "may be damaged" in message, message
+
+
+def test_a_distillation_checkpoint_from_before_the_split_resumes_to_the_same_weights(
+    real_mnist_dir, tmp_path, monkeypatch
+):
+    old = Path(__file__).parent / "data" / "distill_before_split"
+    # The checkpoint records relative paths (tests/data/README.md): lay the folder out as it was made.
+    shutil.copytree(real_mnist_dir, tmp_path / "mnist")
+    shutil.copytree(old / "teacher", tmp_path / "teacher")
+    shutil.copytree(old / "checkpoint-2", tmp_path / "out" / "checkpoint-2")
+    monkeypatch.chdir(tmp_path)
+    train(
+        *("--dataset_name", "mnist", "--distill_from", "teacher", "--output_dir", "out", "--train_batch_size", "16"),
+        *(
+            "--eval_batch_size",
+            "4",
+            "--lr_warmup_steps",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--save_images_epochs",
+            "100",
+        ),
+        *("--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "2"),
+        *("--resume_from_checkpoint", "latest"),
+    )
+    assert_same_weights(
+        tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors", old / "final_unet.safetensors"
+    )
