@@ -19,7 +19,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid  # noqa: E402
+from pipeline import MNISTDiffusionPipeline, image_grid  # noqa: E402
 from pipeline.sampling import (  # noqa: E402
     SCHEDULERS,
     default_sampler,

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import torch
-from machine import describe
+from machine import describe, write_result
 
 from pipeline.evaluate import evaluate_digits, reference_features
 from pipeline.sampling import generate, load_sampler, sampling_precision
@@ -167,10 +167,7 @@ def main() -> None:
                       f"{run['first_batch_s']:.1f}, the rest {run['rest_s']:.1f})")  # fmt: skip
         for name, run in results["processes"].items():
             print(f"  {name:<32} {run['wall_s']:7.1f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"Wrote {args.out}")
+    write_result(results, args.out)
 
 
 if __name__ == "__main__":

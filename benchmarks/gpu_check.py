@@ -17,7 +17,7 @@ import tempfile
 import time
 
 import torch
-from machine import describe
+from machine import describe, write_result
 
 from pipeline.sampling import DEFAULT_SAMPLER, default_mixed_precision, generate, load_pipeline, sampling_precision
 
@@ -74,9 +74,7 @@ def main() -> None:
                          "images_per_s": args.num_images / seconds}  # fmt: skip
     failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("exit_code", 0) != 0]
     results["failed"] = failed
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_result(results, args.out)
     print(json.dumps({k: v.get("seconds") for k, v in results.items() if isinstance(v, dict) and "seconds" in v}))
     print(f"Wrote {args.out}" + (f"; failed: {failed}" if failed else ""))
     sys.exit(1 if failed else 0)

@@ -20,7 +20,7 @@ import time
 
 import torch
 from diffusers import UNet2DModel
-from machine import describe
+from machine import describe, write_result
 
 from pipeline.evaluate import evaluate_digits, reference_features
 from pipeline.sampling import DEFAULT_SAMPLER, digit_cycle, generate, load_pipeline, sampling_precision
@@ -86,8 +86,7 @@ def main() -> None:
         interval = "{}-{}".format(*r["guidance_interval"]) if r["guidance_interval"] else "all"
         print(f"| {r['guide']} | {interval} | {r['guidance_scale']:g} | {r['noise_scale']:g} | {r['fid']:.2f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {accuracy} | {r['seconds']:.0f} |")  # fmt: skip
-    with open(args.out, "w") as f:
-        json.dump({"model": args.model, "sampler": DEFAULT_SAMPLER, "machine": machine, "rows": rows}, f, indent=2)
+    write_result({"model": args.model, "sampler": DEFAULT_SAMPLER, "machine": machine, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

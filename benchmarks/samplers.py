@@ -10,6 +10,9 @@ import argparse
 import json
 import time
 
+import torch
+from machine import describe, write_result
+
 from pipeline.evaluate import evaluate_digits, reference_features
 from pipeline.sampling import SCHEDULERS, generate, load_pipeline, sampling_precision
 
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/samplers.json")
     args = parser.parse_args()
 
+    machine = describe(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(json.dumps(machine), flush=True)
     real = reference_features(args.dataset_name, "test")
     rows = []
     for scheduler, steps, precision in args.settings:
@@ -54,8 +59,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['scheduler']} | {r['steps']} | {r['dtype']} | {r['fid']:.2f} | {r['kid']:.4f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} | {r['images_per_s']:.1f} |")  # fmt: skip
-    with open(args.out, "w") as f:
-        json.dump({"model": args.model, "num_samples": args.num_samples, "rows": rows}, f, indent=2)
+    write_result({"model": args.model, "num_samples": args.num_samples, "machine": machine, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

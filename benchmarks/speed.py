@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler
 from diffusers.training_utils import EMAModel
-from machine import describe
+from machine import describe, write_result
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -359,10 +359,7 @@ def main() -> None:
     )
     print(f"train_speedup: {results['train_speedup']:.2f}")
     print(f"sample_speedup: {results['sample_speedup']:.2f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"Wrote {args.out}")
+    write_result(results, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import describe, write_result  # noqa: E402
 
 from pipeline.sampling import DEFAULT_SAMPLER  # noqa: E402
 
@@ -113,9 +113,7 @@ def main() -> None:
         for p in recipe["evaluations"]:
             print(f"{name:<16}{p['epoch']:>6}{p['train_minutes']:>9.1f}{p['fid']:>8.2f}{p['precision']:>11.3f}"
                   f"{p['recall']:>8.3f}")  # fmt: skip
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_result(results, args.out)
     reference = {k: float(v) for k, _, v in (item.rpartition("=") for item in args.reference)}
     plot(results, args.plot, reference)
     print(f"Wrote {args.out} and {args.plot}")

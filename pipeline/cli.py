@@ -14,13 +14,15 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
-from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid
+from .card import save_pipeline
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline
 from .sampling import (
     DEFAULT_SAMPLER,
     SCHEDULERS,
     digit_cycle,
     generate,
     generate_batches,
+    image_grid,
     load_pipeline,
     load_sampler,
     sampling_precision,
@@ -179,8 +181,10 @@ def resave(args: argparse.Namespace) -> None:
         pipe.register_to_config(guidance_interval=list(args.guidance_interval))
     if args.noise_scale is not None:  # every folder's default sampler takes it (lcm, dpm++sde)
         pipe.register_to_config(noise_scale=args.noise_scale)
+    if args.dataset_name is not None:
+        training_args = {**(training_args or {}), "dataset_name": args.dataset_name}
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(args.model))) as tmp:
-        pipe.save_pretrained(tmp, training_args=training_args, results=results or None)
+        save_pipeline(pipe, tmp, training_args=training_args, results=results or None)
         del pipe  # its weights may be memory-mapped from the files about to be replaced
         for root, _, files in os.walk(tmp):
             for name in files:
@@ -420,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=None,
         help="Also set the factor on its default sampler's noise (a temperature; a sampling setting, the weights stay).",
+    )
+    r.add_argument(
+        "--dataset_name",
+        default=None,
+        help="Also record the dataset it was trained on as this Hub id (for a run trained on a local copy of it).",
     )
     r.set_defaults(run=resave)
     return parser

@@ -11,6 +11,8 @@ from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, check_unet_config
 
 NUM_TRAIN_TIMESTEPS = 50
 NUM_CLASSES = 10  # class-conditional UNets get one more embedding: the "no label" token of classifier-free guidance
+# What saved sample grids, model cards and scoring ask a text model for.
+EXAMPLE_PROMPT = "a handwritten {}"
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Varied phrasings, so a text model learns the digit rather than one sentence.
 CAPTION_TEMPLATES = (

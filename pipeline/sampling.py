@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from accelerate.utils import parse_flag_from_env
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler, SchedulerMixin
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import looks_like_path
-from .model import NUM_CLASSES
-from .pipeline_mnist_diffusion import EXAMPLE_PROMPT, MNISTDiffusionPipeline, scales_noise, to_uint8
+from .model import EXAMPLE_PROMPT, NUM_CLASSES
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, scales_noise
 
 # The samplers `--scheduler` offers: a diffusers class and the settings that differ from its defaults.
 SCHEDULERS = {
@@ -27,11 +28,28 @@ SCHEDULERS = {
     # Uniform steps in log-SNR, DPM-Solver's own recommendation: more steps at low noise, where strokes are refined.
     "dpm++": (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}),
     "dpm++sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "use_lu_lambdas": True}),
-    # The few-step sampler of consistency-distilled models (`train_ddpm.py --distill_from`).
+    # The few-step sampler of consistency-distilled models (`train_distill.py`).
     "lcm": (LCMScheduler, {}),
 }
 # How `sample` and `evaluate` generate by default: the fastest setting that matches 50 ancestral steps (docs/speed.md).
 DEFAULT_SAMPLER = ("dpm++sde", 20)
+
+
+def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) -> Image.Image:
+    """Tile `(N, H, W)` uint8 images into one grayscale PIL grid, upscaled with nearest neighbour (never blurred)."""
+    n, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = -(-n // ncol)
+    grid = np.zeros((nrows * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
+    return Image.fromarray(grid, mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pipeline `np` output `(N, H, W, 1)` in [0, 1] to `(N, H, W)` uint8, MNIST's own format."""
+    return (images[..., 0] * 255).round().astype(np.uint8)
 
 
 def default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[str, int]:

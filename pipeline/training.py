@@ -1,242 +1,608 @@
-"""What `train_ddpm.py` builds its loop from: atomic checkpoints, exact data order, EMA swaps, stop signals."""
+"""The training library that `train_ddpm.py` and `train_distill.py` share: the options both take, the Accelerator,
+the data, AdamW and EMA, and the loop (exact data order and resume, stop signals, divergence, end-of-epoch outputs)."""
 
+import argparse
 import contextlib
-import fcntl
 import json
+import logging
+import math
 import os
-import re
-import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
+import datasets
+import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
 from diffusers.models.attention_processor import Attention, AttnProcessor
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from huggingface_hub import create_repo
+from tqdm.auto import tqdm
 
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)")
-CHECKPOINT_CONFIG = "model_config.json"  # the model and scheduler configs a checkpoint was written with
-TRAINING_STATE = "training_state.json"  # the settings it was written with, and the training minutes so far
-# Settings a resumed run may change. The learning-rate schedule is rebuilt from the new ones, from the resume step on.
-SCHEDULE_SETTINGS = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "num_epochs", "max_train_steps")
-# Settings added after checkpoints began to record theirs, with the value that the runs before them trained with.
-ADDED_SETTINGS = {"stratified_timesteps": False, "stable_target_reference_size": 0}
-# These touch no step's data, noise or update, or (precision, clipping) are what a diverged run needs changed.
-FREE_SETTINGS = (
-    "output_dir", "resume_from_checkpoint", "logger", "logging_dir", "save_images_epochs", "save_model_epochs",
-    "eval_epochs", "eval_num_samples", "eval_split", "eval_batch_size", "checkpointing_steps",
-    "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_private_repo", "dataloader_num_workers",
-    "cache_dir", "mixed_precision", "max_grad_norm",
-)  # fmt: skip
+from .card import example_conditions, push_pipeline, save_pipeline
+from .checkpoint import (
+    CHECKPOINT_CONFIG,
+    TRAINING_STATE,
+    OutputDirLock,
+    check_resume_settings,
+    checkpoint_step,
+    find_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    set_aside_newer_checkpoints,
+)
+from .data import load_images
+from .evaluate import MIN_SAMPLES, evaluate_digits, evaluation_results, reference_features
+from .model import NUM_CLASSES
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline
+from .sampling import (
+    default_mixed_precision,
+    default_sampler,
+    digit_cycle,
+    generate,
+    image_grid,
+    make_scheduler,
+    native_bf16,
+    to_uint8,
+)
 
-
-def checkpoint_steps(output_dir: str) -> list[int]:
-    """The steps of the complete checkpoints in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    return sorted(int(m[1]) for d in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.fullmatch(d)))
-
-
-def find_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint in `output_dir`, or None."""
-    steps = checkpoint_steps(output_dir)
-    return os.path.join(output_dir, f"checkpoint-{steps[-1]}") if steps else None
-
-
-def checkpoint_step(path: str) -> int:
-    """The step a `checkpoint-N` folder was saved at."""
-    return int(CHECKPOINT_PATTERN.fullmatch(os.path.basename(os.path.normpath(path)))[1])
-
-
-def as_saved(config: dict) -> dict:
-    """A config as JSON stores it, without diffusers' private keys (version, class name, path)."""
-    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
+logger = get_logger(__name__)
 
 
-def check_same_config(saved: dict, current: dict, what: str) -> None:
-    """Refuse to mix a saved model with a differently configured one."""
-    saved, current = as_saved(saved), as_saved(current)
-    diff = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-    if diff:
-        changes = ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in diff[:4])
-        raise ValueError(
-            f"{what} holds a differently configured model ({changes}). Train with the same "
-            "--model_config_name_or_path / --prediction_type, or use a new --output_dir."
-        )
-
-
-def resolve_resume(output_dir: str, resume_from_checkpoint: str | None, model_config: dict) -> str | None:
-    """The checkpoint to resume from (None: a new run, also for "latest" before the first checkpoint), after checking
-    that it and `output_dir` hold this model."""
-    for component, file in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
-        saved = os.path.join(output_dir, component, file)
-        if os.path.isfile(saved):
-            with open(saved) as f:
-                check_same_config(json.load(f), model_config[component], f"--output_dir {output_dir}")
-    if resume_from_checkpoint is None:
-        if find_checkpoint(output_dir):
-            raise ValueError(
-                f"--output_dir {output_dir} already holds {os.path.basename(find_checkpoint(output_dir))}. "
-                "Continue it with --resume_from_checkpoint latest, or train into a new --output_dir."
-            )
-        return None
-    if resume_from_checkpoint == "latest":
-        path = find_checkpoint(output_dir)
-        if path is None:
-            return None
-    else:
-        path = resume_from_checkpoint
-        if not os.path.isdir(path) or not CHECKPOINT_PATTERN.fullmatch(os.path.basename(os.path.normpath(path))):
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint {path!r} is not a checkpoint-N folder; "
-                "use 'latest' or one of the checkpoint-N folders in --output_dir."
-            )
-    try:
-        with open(os.path.join(path, CHECKPOINT_CONFIG)) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"Checkpoint {path} is incomplete or corrupt ({e}).") from e
-    for component in ("unet", "scheduler"):
-        check_same_config(saved[component], model_config[component], f"Checkpoint {path}")
-    return path
-
-
-def setting_changes(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """The settings that differ from a checkpoint's, as "name: old -> new": those that would break exact resumption,
-    and the learning-rate schedule's, which a resumed run applies."""
-    saved = {**ADDED_SETTINGS, **saved}
-    changed = sorted(
-        k for k in saved.keys() | current.keys() if k not in FREE_SETTINGS and saved.get(k) != current.get(k)
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset options, named as in diffusers' `train_unconditional.py`."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", default="ylecun/mnist", help="Hub dataset id, or a local copy in its layout.")
+    data.add_argument("--dataset_config_name", default=None, help="The dataset's config, if it has several.")
+    data.add_argument("--train_data_dir", default=None, help="A folder of images (imagefolder); overrides the above.")
+    data.add_argument("--cache_dir", default=None, help="Where datasets caches downloads and decoded data.")
+    data.add_argument("--split", default="train", help="The dataset split to train on.")
+    data.add_argument("--image_column", default=None, help="Default: the first Image column.")
+    data.add_argument("--label_column", default=None, help="Default: the first ClassLabel column, if any.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N images only.")
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Convert images to grayscale and resize them to this size. Default: images must already be 28x28 L.",
     )
-    describe = {k: f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed}
-    breaking = [text for k, text in describe.items() if k not in SCHEDULE_SETTINGS]
-    return breaking, [text for k, text in describe.items() if k in SCHEDULE_SETTINGS]
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that decode the dataset.")
 
 
-def read_training_state(checkpoint: str) -> dict | None:
-    """What `training_state.json` holds, or None for a checkpoint written before it existed."""
-    path = os.path.join(checkpoint, TRAINING_STATE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"Checkpoint {checkpoint} is incomplete or corrupt ({e}).") from e
-
-
-def check_resume_settings(checkpoint: str | None, settings: dict, num_processes: int) -> tuple[dict | None, list[str]]:
-    """The checkpoint's training state, and the schedule changes to apply; refuses changes that break exactness.
-
-    Checkpoints written before `training_state.json` existed are not compared."""
-    state = read_training_state(checkpoint) if checkpoint is not None else None
-    if state is None:
-        return None, []
-    breaking, schedule_changes = setting_changes(
-        {**state["args"], "num_processes": state["num_processes"]}, {**settings, "num_processes": num_processes}
+def add_training_arguments(parser: argparse.ArgumentParser, learning_rate: float, output_dir: str) -> None:
+    """The optimisation options: batch, schedule, AdamW, EMA of the weights, precision."""
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default=output_dir, help="Where the pipeline, checkpoints and logs go.")
+    train.add_argument("--seed", type=int, default=0, help="Seeds the weights, the data order and the noise.")
+    train.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=64,  # twice the updates of 128 for the same images and minutes: better at equal time (docs/recipe.md)
+        help="Batch size per device.",
     )
-    if breaking:
-        raise ValueError(
-            f"Checkpoint {checkpoint} was written with other settings ({'; '.join(breaking)}), so resuming would not "
-            "continue that run. Resume with its settings, or train into a new --output_dir."
+    train.add_argument("--eval_batch_size", type=int, default=64, help="Digits in each saved sample grid.")
+    train.add_argument("--num_epochs", type=int, default=5, help="Passes over the data.")
+    train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides epochs.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=learning_rate)
+    train.add_argument(
+        "--lr_scheduler",
+        default="cosine",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    train.add_argument("--lr_warmup_steps", type=int, default=200)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=0.0)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
+    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
+    train.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
+    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="Largest EMA decay.")
+    train.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Default: the accelerate config's choice, else bf16 where the GPU or CPU runs it natively, else no.",
+    )
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Logging, sample grids, evaluation, checkpoints and the Hub."""
+    out = parser.add_argument_group("logging, checkpoints and the Hub")
+    out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
+    out.add_argument("--logging_dir", default="logs", help="TensorBoard logs, inside --output_dir.")
+    out.add_argument("--save_images_epochs", type=int, default=1, help="Save a sample grid every N epochs.")
+    out.add_argument("--save_model_epochs", type=int, default=5, help="Save the pipeline every N epochs.")
+    out.add_argument(
+        "--eval_epochs", type=int, default=None, help="Every N epochs, score samples (FID...) against --eval_split."
+    )
+    out.add_argument("--eval_num_samples", type=int, default=1000, help="Digits generated for each evaluation.")
+    out.add_argument("--eval_split", default="test", help="The real split that evaluations compare against.")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most N checkpoints.")
+    out.add_argument(
+        "--resume_from_checkpoint", default=None, help='A checkpoint folder, or "latest" (starts fresh if none).'
+    )
+    out.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline to the Hub at the end.")
+    out.add_argument("--hub_model_id", default=None, help="Hub repository; default: the name of --output_dir.")
+    out.add_argument("--hub_token", default=None, help="Hub token; default: the one `hf auth login` stored.")
+    out.add_argument("--hub_private_repo", action="store_true")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the shared options' bad values before anything is loaded."""
+    for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                 "save_images_epochs", "save_model_epochs", "checkpointing_steps"):  # fmt: skip
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.eval_num_samples < MIN_SAMPLES:
+        parser.error(
+            f"--eval_num_samples must be at least {MIN_SAMPLES} (scoring needs them), got {args.eval_num_samples}."
         )
-    return state, schedule_changes
+    if not args.learning_rate > 0:
+        parser.error(f"--learning_rate must be positive, got {args.learning_rate}.")
 
 
-def set_aside_newer_checkpoints(output_dir: str, step: int) -> list[str]:
-    """Rename the checkpoints after `step` to `superseded-checkpoint-N`, so that "latest" follows the resumed run."""
-    moved = []
-    for newer in [s for s in checkpoint_steps(output_dir) if s > step]:
-        target = os.path.join(output_dir, f"superseded-checkpoint-{newer}")
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(output_dir, f"checkpoint-{newer}"), target)
-        moved.append(target)
-    return moved
-
-
-class OutputDirLock:
-    """An exclusive lock on a training output folder, held while the process lives (the OS drops it if it dies)."""
-
-    def __init__(self, output_dir: str) -> None:
-        os.makedirs(output_dir, exist_ok=True)
-        self.file = open(os.path.join(output_dir, ".train_ddpm.lock"), "w")  # noqa: SIM115 (held for the run)
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise ValueError(
-                f"Another training run is writing to --output_dir {output_dir}. Wait for it to end, or train into "
-                "a new --output_dir."
-            ) from None
-
-
-def load_checkpoint(accelerator: Accelerator, path: str, weights: Callable[[], list[torch.Tensor]]) -> int:
-    """`accelerator.load_state(path)`, with damaged files and non-finite loaded `weights()` named; the step."""
-    try:
-        accelerator.load_state(path)
-    except Exception as e:  # safetensors, torch.load and json errors alike mean the files are damaged
-        # torch.load's own advice (to unpickle with weights_only=False) is never the fix for a damaged file.
-        detail = str(e).splitlines()[0] if "weights_only" not in str(e).lower() else "not a file torch can read safely"
-        raise ValueError(
-            f"Checkpoint {path} could not be loaded ({type(e).__name__}: {detail}). It is corrupt or incomplete: "
-            "resume from an earlier checkpoint-N folder instead."
-        ) from e
-    if not all(torch.isfinite(w).all() for w in weights()):
-        raise ValueError(
-            f"Checkpoint {path} holds weights that are not finite numbers: it is damaged. Resume from an earlier "
-            "checkpoint-N folder instead."
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The Accelerator for this run, in the precision asked for or the best one the hardware runs natively."""
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or default_mixed_precision()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=args.logger,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+        # The LR schedule counts optimizer steps, whatever the number of processes.
+        step_scheduler_with_optimizer=False,
+    )
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("--mixed_precision fp16 needs a GPU; on a CPU use bf16 or no.")
+    if mixed_precision == "bf16" and accelerator.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("This GPU cannot do bf16; use --mixed_precision fp16 or no.")
+    if mixed_precision == "bf16" and accelerator.device.type == "cpu" and not native_bf16(accelerator.device):
+        logger.warning(
+            "This CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it, several times slower than fp32. "
+            "Use --mixed_precision no."
         )
-    return checkpoint_step(path)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:  # one copy of each library warning is enough
+        datasets.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    return accelerator
 
 
-def remove_partial_checkpoints(output_dir: str) -> None:
-    """Delete the half-written checkpoints of a run that was killed while saving."""
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            if name.startswith("partial-checkpoint-"):
-                shutil.rmtree(os.path.join(output_dir, name))
+def load_data(
+    args: argparse.Namespace, accelerator: Accelerator, size: int, labelled: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training images `(N, 1, size, size)` uint8 and, if `labelled`, their digit labels, on the device."""
+    with accelerator.main_process_first():  # the main process decodes and caches, the others read the cache
+        images, labels = load_images(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_data_dir=args.train_data_dir,
+            split=args.split,
+            cache_dir=args.cache_dir,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            max_train_samples=args.max_train_samples,
+            resolution=args.resolution,
+            size=size,
+            num_proc=args.dataloader_num_workers,
+        )
+    if not labelled:
+        return images.to(accelerator.device), None
+    if labels is None:
+        raise ValueError(
+            "Conditional training needs digit labels, and the dataset has no column of integer labels: name it with "
+            "--label_column."
+        )
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"Conditional training needs labels 0..{NUM_CLASSES - 1}; the dataset has {labels.unique()}.")
+    return images.to(accelerator.device), labels.to(accelerator.device)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_limit: int | None) -> str:
-    """`accelerator.save_state` into a temporary folder that becomes `checkpoint-{step}` only once complete."""
-    final = os.path.join(output_dir, f"checkpoint-{step}")
-    partial = os.path.join(output_dir, f"partial-checkpoint-{step}")
-    if accelerator.is_main_process:
-        if os.path.exists(partial):
-            shutil.rmtree(partial)  # left by a run that died while saving
-        os.makedirs(partial)
-    accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+def make_optimization(
+    args: argparse.Namespace, model: torch.nn.Module, max_train_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, EMAModel | None]:
+    """AdamW, its warm-up and decay, and the EMA of the weights (None without --use_ema)."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
+    )
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=type(model),
+            model_config=model.config,
+            foreach=True,
+        )
+    return optimizer, lr_scheduler, ema_model
+
+
+@dataclass
+class Run:
+    """One training run: its settings, Accelerate objects, data, schedule and the pipeline it saves."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model_config: dict
+    training_args: dict
+    digits: torch.Tensor  # (N, 1, H, W) in [-1, 1] as the model sees them, on the device, once
+    labels: torch.Tensor | None
+    resume_path: str | None
+    state: dict | None  # the resumed checkpoint's training state
+    schedule_changes: list[str]
+    steps_per_epoch: int
+    max_train_steps: int
+    real_features: np.ndarray | None = None
+    repo_id: str | None = None
+    clock: "TrainingClock" = field(default_factory=lambda: TrainingClock())
+    lock: OutputDirLock | None = None
+
+
+def start_run(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model_config: dict,
+    training_args: dict,
+    size: int,
+    labelled: bool = False,
+) -> Run:
+    """Check what resuming needs, load the data, size the schedule, and claim --output_dir (main process)."""
+    resume_path = resolve_resume(args.output_dir, args.resume_from_checkpoint, model_config)
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        accelerator.print(f"No checkpoint in {args.output_dir} yet: starting a new training run.")
+    state, schedule_changes = check_resume_settings(resume_path, training_args, accelerator.num_processes)
+    images, labels = load_data(args, accelerator, size, labelled)
+    real_features = None
+    if args.eval_epochs and accelerator.is_main_process:  # now, so that a missing split fails before training
+        real_features = reference_features(args.dataset_name, args.eval_split, args.cache_dir)
+    global_batch_size = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    steps_per_epoch = len(images) // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"The dataset has {len(images)} images, fewer than one global batch of {global_batch_size} "
+            "(train_batch_size x gradient_accumulation_steps x processes). Lower --train_batch_size."
+        )
+    # In [-1, 1] once, not at every step: stable targets gather thousands of digits a step.
+    run = Run(
+        args, accelerator, model_config, training_args, images.float() / 127.5 - 1, labels, resume_path, state, schedule_changes,
+        steps_per_epoch, args.max_train_steps or args.num_epochs * steps_per_epoch, real_features,
+    )  # fmt: skip
+    if accelerator.is_main_process:  # from here on this run writes to --output_dir, and no other run may
+        run.lock = OutputDirLock(args.output_dir)
+        remove_partial_checkpoints(args.output_dir)
+        if resume_path is not None:
+            for path in set_aside_newer_checkpoints(args.output_dir, checkpoint_step(resume_path)):
+                print(f"Set aside {path}: it is not in the lineage of {resume_path}.")
+        if args.push_to_hub:
+            name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+            run.repo_id = create_repo(name, exist_ok=True, private=args.hub_private_repo, token=args.hub_token).repo_id
+    logger.info(
+        f"{len(images)} images, {accelerator.num_processes} process(es), global batch {global_batch_size}, "
+        f"{steps_per_epoch} steps per epoch, {run.max_train_steps} steps",
+        main_process_only=True,
+    )
+    return run
+
+
+def save_run_state(run: Run, ema_model: EMAModel | None, output_dir: str, **models: torch.nn.Module | None) -> None:
+    """What a checkpoint holds beyond `save_state`: the EMA and other `models` (safetensors, the diffusers way), the
+    model config, and the settings and training minutes that resuming reads."""
+    if not run.accelerator.is_main_process:
+        return
+    if ema_model is not None:
+        ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+    for name, model in models.items():
+        if model is not None:
+            model.save_pretrained(os.path.join(output_dir, name))
+    with open(os.path.join(output_dir, CHECKPOINT_CONFIG), "w") as f:
+        json.dump(run.model_config, f, indent=2, default=list)
+    record = {"train_minutes": run.clock.minutes(), "num_processes": run.accelerator.num_processes}
+    with open(os.path.join(output_dir, TRAINING_STATE), "w") as f:
+        json.dump({**record, "args": run.training_args}, f, indent=2, default=list)
+
+
+def load_ema(ema_model: EMAModel | None, input_dir: str, device: torch.device) -> None:
+    """Restore the EMA weights a checkpoint holds."""
+    if ema_model is None:
+        return
+    if not os.path.isdir(os.path.join(input_dir, "unet_ema")):
+        raise ValueError(f"{input_dir}/unet_ema, the EMA weights, is missing (or the run had --no-use_ema)")
+    ema_model.load_state_dict(
+        EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), ema_model.model_cls).state_dict()
+    )
+    ema_model.to(device)
+
+
+def resume(run: Run, model: torch.nn.Module, lr_scheduler: torch.optim.lr_scheduler.LRScheduler, ema_model) -> int:
+    """Load the checkpoint being resumed (after `accelerator.prepare`) and apply schedule changes; the step."""
+    if run.resume_path is None:
+        return 0
+    weights = lambda: [*model.parameters(), *(ema_model.shadow_params if ema_model else [])]  # noqa: E731
+    step = load_checkpoint(run.accelerator, run.resume_path, weights)
+    run.accelerator.print(f"Resumed from {run.resume_path} at step {step}.")
+    if run.schedule_changes:  # e.g. a lower learning rate after a divergence: the schedule continues from here
+        args, optimizer = run.args, lr_scheduler.scheduler.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = args.learning_rate
+        lr_scheduler.scheduler = get_scheduler(
+            args.lr_scheduler,
+            optimizer,
+            num_warmup_steps=args.lr_warmup_steps,
+            num_training_steps=run.max_train_steps,
+            last_epoch=step - 1,
+        )
+        run.accelerator.print(f"Applied from step {step} on: {'; '.join(run.schedule_changes)}.")
+    return step
+
+
+def save_outputs(
+    run: Run,
+    pipeline: MNISTDiffusionPipeline,
+    ema_model: EMAModel | None,
+    record: dict,
+    save_images: bool,
+    save_model: bool,
+    score: bool = False,
+    push: bool = False,
+) -> None:
+    """With the EMA weights: a sample grid, scores against the real features, the pipeline, a Hub upload."""
+    args, accelerator, unet = run.args, run.accelerator, pipeline.unet
+    card_results = {
+        "training_steps": record["step"],
+        "training_minutes": round(record["train_minutes"], 1),
+        "training_processes": accelerator.num_processes,
+        "training_device": device_name(accelerator.device),
+    }
+    with ema_weights(unet, ema_model):
+        unet.eval()
+        # At the step the guide is taken it is these very weights: guiding by it would only double the UNet calls.
+        guide = pipeline.guide_unet
+        same = guide is not None and all(map(torch.equal, guide.parameters(), unet.parameters()))
+        guidance = {"guidance_scale": 1.0} if same else {}  # otherwise the pipeline's default
+        if save_images:
+            digits = to_uint8(
+                pipeline(
+                    generator=torch.Generator().manual_seed(0),
+                    output_type="np",
+                    **guidance,
+                    **example_conditions(pipeline, args.eval_batch_size),
+                ).images
+            )
+            image_grid(digits).save(os.path.join(args.output_dir, "samples", f"epoch_{record['epoch']:04d}.png"))
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.writer.add_images("samples", digits[:, None], record["epoch"], dataformats="NCHW")
+                elif tracker.name == "wandb":
+                    import wandb
+
+                    tracker.log({"samples": [wandb.Image(d) for d in digits]}, step=record["step"])
+        if score and run.real_features is not None:
+            # Scored the way `mnist-diffusion evaluate` scores a saved model, with its default sampler; conditional
+            # models are asked for 0..9 in turn and scored on whether they drew what was asked.
+            sampler, steps = default_sampler(pipeline)
+            scorer = MNISTDiffusionPipeline(
+                **{**pipeline.components, "scheduler": make_scheduler(sampler, pipeline.scheduler.config)},
+                guidance_interval=pipeline.config.guidance_interval,
+            )
+            wanted = digit_cycle(args.eval_num_samples) if pipeline.conditioning != "none" else None
+            with accelerator.autocast():
+                digits = generate(scorer, args.eval_num_samples, 0, 125, steps, wanted, progress=False, **guidance)
+            results = {**evaluate_digits(digits, run.real_features, wanted), "scheduler": sampler, "steps": steps}
+            card_results.update(evaluation_results(results))
+            accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=record["step"])
+            with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({**record, **results}) + "\n")
+            logger.info(f"Step {record['step']}: FID {results['fid']:.2f} on {len(digits)} samples")
+        if save_model:
+            save_pipeline(pipeline, args.output_dir, training_args=run.training_args, results=card_results)
+        if push and run.repo_id is not None:
+            push_pipeline(
+                pipeline,
+                run.repo_id,
+                training_args=run.training_args,
+                results=card_results,
+                token=args.hub_token,
+                commit_message="End of training",
+            )
+        unet.train()
+
+
+def check_finite(run: Run, model: torch.nn.Module, step: int, loss: float, saving: bool) -> None:
+    """Stop a diverged run before it saves anything, naming the likely cause and the fix."""
+    # A finite loss can still come with an update that overflowed the weights: check them before saving.
+    if math.isfinite(loss) and not (saving and not all(torch.isfinite(p).all() for p in model.parameters())):
+        return
+    if run.resume_path is not None and step == checkpoint_step(run.resume_path) + 1:
+        # Diverging at once after a resume points at the checkpoint (damaged bytes load as finite garbage).
+        raise FloatingPointError(
+            f"Training diverged at step {step}, the first step after resuming from {run.resume_path}: that "
+            "checkpoint may be damaged. Resume from an earlier checkpoint-N folder, or lower --learning_rate if it "
+            "diverges there too."
+        )
+    raise FloatingPointError(
+        f"Training diverged at step {step} (loss {loss:.4g}); nothing of it was saved. The latest checkpoint is "
+        f"{find_checkpoint(run.args.output_dir) or 'none'}: lower --learning_rate (or use --mixed_precision no) and "
+        "resume with --resume_from_checkpoint latest."
+    )
+
+
+def train_loop(
+    run: Run,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema_model: EMAModel | None,
+    pipeline: MNISTDiffusionPipeline,
+    step_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
+    after_update: Callable[[int], None] = lambda step: None,
+    other_optimizers: tuple[torch.optim.Optimizer, ...] = (),
+    project_name: str = "train_ddpm",
+) -> None:
+    """Train from the resumed step to the last: `step_loss(batch, step, micro_step)` is the loss of the micro-batch
+    of image indices `batch`, and `after_update(step)` runs after each update (its EMA too), before any saving.
+
+    Everything random in a step is a function of (seed, step, micro-batch), so resuming is exact. SIGTERM or Ctrl-C
+    finishes the step, checkpoints and exits 128 + the signal; a non-finite loss or weights stop the run unsaved."""
     try:
-        accelerator.save_state(partial)
-        accelerator.wait_for_everyone()  # every process has written its part (each writes its own RNG state)
-        if accelerator.is_main_process:
-            for root, _, files in os.walk(partial):
-                for name in files:
-                    with open(os.path.join(root, name), "rb+") as f:
-                        os.fsync(f.fileno())
-    except OSError as e:  # disk full, quota, permissions: keep what was saved before, say what happened
-        shutil.rmtree(partial, ignore_errors=True)
-        earlier = find_checkpoint(output_dir)
-        raise OSError(
-            f"Could not write checkpoint-{step} in {output_dir} ({e.strerror or e}). "
-            + (f"{os.path.basename(earlier)} is intact: " if earlier else "")
-            + "free space or fix permissions, then resume with --resume_from_checkpoint latest."
-        ) from e
+        _train(
+            run,
+            model,
+            optimizer,
+            lr_scheduler,
+            ema_model,
+            pipeline,
+            step_loss,
+            after_update,
+            other_optimizers,
+            project_name,
+        )
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(
+    run: Run,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema_model: EMAModel | None,
+    pipeline: MNISTDiffusionPipeline,
+    step_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
+    after_update: Callable[[int], None],
+    other_optimizers: tuple[torch.optim.Optimizer, ...],
+    project_name: str,
+) -> None:
+    """`train_loop`'s body, which runs while the output folder is locked."""
+    args, accelerator, device = run.args, run.accelerator, run.accelerator.device
+    global_step = resume(run, model, lr_scheduler, ema_model)
     if accelerator.is_main_process:
-        if os.path.exists(final):  # resumed from an earlier checkpoint and reached this step again
-            shutil.rmtree(final)
-        os.replace(partial, final)  # atomic: `latest` never sees a half-written checkpoint
-        dir_fd = os.open(output_dir, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-        if total_limit is not None:
-            for old in checkpoint_steps(output_dir)[:-total_limit]:
-                shutil.rmtree(os.path.join(output_dir, f"checkpoint-{old}"))
-    accelerator.wait_for_everyone()
-    return final
+        # Trackers take scalars and strings only.
+        hparams = {k: v for k, v in run.training_args.items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(project_name, config=hparams)
+        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    pipeline.set_progress_bar_config(disable=True)
+    progress_bar = tqdm(
+        total=run.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    stop = StopSignals()
+    run.clock.start(run.state["train_minutes"] if run.state is not None else 0.0)
+    permutation, permutation_epoch = None, None
+    model.train()
+    while global_step < run.max_train_steps:
+        epoch, step_in_epoch = divmod(global_step, run.steps_per_epoch)
+        if permutation_epoch != epoch:
+            permutation, permutation_epoch = epoch_permutation(len(run.digits), args.seed, epoch, device), epoch
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(args.gradient_accumulation_steps):
+            batch = permutation[
+                micro_batch_slice(step_in_epoch, micro_step, args.gradient_accumulation_steps,
+                                  accelerator.num_processes, accelerator.process_index, args.train_batch_size)
+            ]  # fmt: skip
+            with accelerator.accumulate(model), accelerator.autocast():  # autocast: a teacher's calls too
+                loss = step_loss(batch, global_step, micro_step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                for each in (optimizer, *other_optimizers):
+                    each.step()
+                    each.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() / args.gradient_accumulation_steps
+        lr_scheduler.step()
+        if ema_model is not None:
+            ema_model.step(model.parameters())
+        global_step += 1
+        after_update(global_step)
+        progress_bar.update(1)
+        # One all-reduce for the mean loss and for "did any process get a stop signal", so all stop at one step.
+        loss_sum, stops = accelerator.reduce(
+            torch.stack([loss_sum, torch.tensor(float(len(stop.received)), device=device)]), reduction="sum"
+        ).tolist()
+        logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
+        save_now = global_step % args.checkpointing_steps == 0 or stops
+        check_finite(run, model, global_step, logs["loss"], save_now)
+        if ema_model is not None:
+            logs["ema_decay"] = ema_model.cur_decay_value
+        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        accelerator.log(logs, step=global_step)
+        if save_now:
+            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            logger.info(f"Saved {path}", main_process_only=True)
+        if stops:
+            progress_bar.close()
+            signum = stop.received[0] if stop.received else signal.SIGTERM  # another process may have got it
+            accelerator.print(
+                f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved {path}. Resume with the same "
+                "command plus --resume_from_checkpoint latest."
+            )
+            accelerator.end_training()
+            raise SystemExit(128 + signum)
+        if global_step % run.steps_per_epoch == 0 and global_step < run.max_train_steps:
+            epoch = global_step // run.steps_per_epoch
+            with run.clock.paused():
+                if accelerator.is_main_process:
+                    record = {"step": global_step, "epoch": epoch, "train_minutes": run.clock.minutes()}
+                    save_outputs(
+                        run, pipeline, ema_model, record, save_images=epoch % args.save_images_epochs == 0,
+                        save_model=epoch % args.save_model_epochs == 0,
+                        score=bool(args.eval_epochs) and epoch % args.eval_epochs == 0,
+                    )  # fmt: skip
+                accelerator.wait_for_everyone()
+    progress_bar.close()
+    minutes = run.clock.minutes()
+    if accelerator.is_main_process:
+        record = {"step": global_step, "epoch": math.ceil(global_step / run.steps_per_epoch), "train_minutes": minutes}
+        save_outputs(run, pipeline, ema_model, record, save_images=True, save_model=True, score=True, push=True)
+        accelerator.print(
+            f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of training)."
+        )
+    accelerator.end_training()
+
+
+def cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, script: str) -> None:
+    """Run a training script's `main`: bad input ends with one line naming the problem, not a traceback."""
+    try:
+        main(args)
+        return
+    except (ValueError, OSError, FloatingPointError) as e:
+        message = f"{script}: error: {e}"
+    except RuntimeError as e:  # a collective failed: another process of the job died
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise
+        message = (
+            f"{script}: error: rank {torch.distributed.get_rank()} lost contact with the other processes of the job "
+            f"({str(e).splitlines()[0][-160:]}): another process or machine failed, and its own log says which. "
+            "Start the job again with --resume_from_checkpoint latest."
+        )
+    sys.exit(message)  # outside the handler, so that nothing keeps the failed run (and its output-dir lock) alive
 
 
 def use_plain_attention(model: torch.nn.Module, device: torch.device) -> None:

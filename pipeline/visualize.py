@@ -19,7 +19,8 @@ from diffusers import DDPMScheduler  # noqa: E402
 from diffusers.utils.torch_utils import randn_tensor  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, image_grid  # noqa: E402
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline  # noqa: E402
+from .sampling import image_grid  # noqa: E402
 
 
 def evenly_spaced_times(num_train_timesteps: int, num_frames: int) -> list[int]:

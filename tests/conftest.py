@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import train_ddpm  # noqa: E402
+import train_distill  # noqa: E402
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler  # noqa: E402
+from pipeline.training import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_UNET = {
@@ -104,12 +106,17 @@ def train(*argv: str) -> None:
     train_ddpm.main(train_ddpm.parse_args(list(argv)))
 
 
-def train_in_processes(*argv: str, num_processes: int = 2) -> None:
-    """Run `train_ddpm.py ARGV` in `num_processes` CPU processes on this machine (torch.distributed.run)."""
+def distill(*argv: str) -> None:
+    """Run train_distill in this process, as `python train_distill.py ARGV` would."""
+    train_distill.main(train_distill.parse_args(list(argv)))
+
+
+def train_in_processes(*argv: str, num_processes: int = 2, script: str = "train_ddpm.py") -> None:
+    """Run `script ARGV` in `num_processes` CPU processes on this machine (torch.distributed.run)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [*command, str(ROOT / "train_ddpm.py"), *argv], capture_output=True, text=True, timeout=600, env=env
+        [*command, str(ROOT / script), *argv], capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -127,10 +134,11 @@ def assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=0, msg=key)
 
 
-def cli_error(capsys, *argv: str) -> str:
-    """Run the command line, expect it to fail, and return its one-line error."""
+def cli_error(capsys, *argv: str, script=train_ddpm) -> str:
+    """Run a training script's command line (train_ddpm's by default), expect it to fail, and return its one-line
+    error."""
     with pytest.raises(SystemExit) as exit_info:
-        train_ddpm.cli(list(argv))
+        cli(script.main, script.parse_args(list(argv)), f"{script.__name__}.py")
     AcceleratorState._reset_state(reset_partial_state=True)
     message = str(exit_info.value.code) if exit_info.value.code not in (None, 2) else capsys.readouterr().err
     assert "Traceback" not in message

@@ -17,8 +17,7 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 import app
-from pipeline import cli
-from pipeline.pipeline_mnist_diffusion import image_grid
+from pipeline import cli, image_grid
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/lib/chromium/chromium-headless-shell")
 # What the page asks for in the tests: the class-conditional model, a seven, the default sampler.

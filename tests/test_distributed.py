@@ -33,8 +33,7 @@ def test_every_image_once_per_epoch_across_ranks(num_processes, accumulation_ste
     assert set(seen) == set(range(len(seen)))  # the leading images of the epoch's permutation, none twice
 
 
-@pytest.mark.parametrize("stratified", [False, True])
-def test_shards_of_a_global_batch_draw_what_one_process_draws(stratified):
+def test_shards_of_a_global_batch_draw_what_one_process_draws():
     _, scheduler = create_model_and_scheduler()
     inputs = []
 
@@ -43,7 +42,7 @@ def test_shards_of_a_global_batch_draw_what_one_process_draws(stratified):
             inputs.append((noisy, timesteps, class_labels))
             return type("Output", (), {"sample": noisy})
 
-    loss = DiffusionLoss(scheduler, "logit_normal", condition_dropout=0.5, stratified=stratified)
+    loss = DiffusionLoss(scheduler, "logit_normal", condition_dropout=0.5)
     images, labels = torch.randn(6, 1, 28, 28), torch.arange(6)
     null = {"class_labels": torch.tensor(10)}
     loss(Recorder(), images, torch.Generator().manual_seed(0), {"class_labels": labels}, null)

@@ -134,24 +134,3 @@ def test_digit_files_in_any_range_or_layout_score_the_same_and_bad_files_are_one
         with pytest.raises(SystemExit) as exit_info:
             main(["evaluate", "--samples", str(tmp_path / name)])
         assert message in str(exit_info.value.code) and "Traceback" not in str(exit_info.value.code), name
-
-
-def test_class_commitment_reads_the_predicted_digit_of_each_step(tiny_pipeline, tmp_path, monkeypatch):
-    """benchmarks/class_commitment.py rebuilds x_0 from each step's input and output: at the last DDPM step x_0 is the
-    final digit, so its class agrees with the final class for every seed; the training shares are distributions."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
-    from class_commitment import main as commitment
-
-    tiny_pipeline.save_pretrained(tmp_path / "model")
-    out = tmp_path / "commitment.json"
-    argv = ["class_commitment.py", "--model", str(tmp_path / "model"), "--num_samples", "6", "--batch_size", "4"]
-    monkeypatch.setattr("sys.argv", [*argv, "--out", str(out)])
-    commitment()
-    result = json.loads(out.read_text())
-    rows = result["rows"]
-    assert [r["timestep"] for r in rows] == list(range(48, -1, -1))  # every step after the first, noisiest first
-    assert rows[-1]["agreement"] == 1.0 and rows[-1]["class_shares"] == result["final_class_shares"]
-    for scheme in ("uniform", "logit_normal"):
-        shares = [r[f"training_share_{scheme}"] for r in rows]
-        assert 0.9 < sum(shares) <= 1.0  # timestep 49, pure noise, is left out
-    assert rows[0]["training_share_uniform"] > rows[0]["training_share_logit_normal"]  # the tails are rarer

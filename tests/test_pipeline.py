@@ -12,6 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipeline import MNISTDiffusionPipeline, check_unet_config, create_model_and_scheduler, image_grid
+from pipeline.card import model_card, push_pipeline, save_pipeline
 from pipeline.cli import main
 from pipeline.sampling import make_scheduler
 
@@ -43,27 +44,6 @@ def test_every_resnet_block_of_the_default_unet_sees_the_timestep():
             x = torch.randn(1, block.conv1.in_channels, 7, 7).expand(2, -1, -1, -1)
             early, late = block(x, embedding)
             assert (early - late).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("scheme", ["none", "logit_normal"])
-def test_stratified_timesteps_follow_the_density_with_little_batch_noise(scheme):
-    from scipy.stats import norm
-
-    from pipeline.loss import DiffusionLoss
-
-    _, scheduler = create_model_and_scheduler()
-    loss = DiffusionLoss(scheduler, weighting_scheme=scheme, stratified=True)
-    if scheme == "none":  # 50 strata of 50 timesteps: each exactly once, in a shuffled order.
-        drawn = loss.sample_timesteps(50, torch.manual_seed(0), "cpu")
-        assert sorted(drawn.tolist()) == list(range(50)) and drawn.tolist() != list(range(50))
-        return
-    edges = torch.linspace(0, 1, 51).double()
-    expected = 4096 * np.diff(norm.cdf(torch.logit(edges).numpy()))  # the logit-normal mass of each timestep
-    for stratified in (True, False):
-        loss = DiffusionLoss(scheduler, weighting_scheme=scheme, stratified=stratified)
-        counts = torch.bincount(loss.sample_timesteps(4096, torch.manual_seed(0), "cpu"), minlength=50).numpy()
-        # One draw per stratum puts every timestep within a draw or two of its share; i.i.d. draws scatter by ~10.
-        assert (np.abs(counts - expected).max() <= 2) == stratified
 
 
 def test_the_stable_target_depends_on_the_noisy_digit_not_on_which_digit_made_it():
@@ -306,8 +286,9 @@ def test_image_grid_is_nearest_neighbour():
     assert set(np.unique(pixels)) == {0, 255} and (pixels == 255).sum() == 9
 
 
-def test_save_pretrained_writes_a_complete_folder(tiny_pipeline, tmp_path):
-    tiny_pipeline.save_pretrained(tmp_path, training_args={"learning_rate": 0.001, "hub_token": "hf_s3cr3t"})
+def test_save_pipeline_writes_a_complete_folder(tiny_pipeline, tmp_path):
+    training_args = {"learning_rate": 0.001, "hub_token": "hf_s3cr3t", "immiscible_noise": False}
+    save_pipeline(tiny_pipeline, tmp_path, training_args=training_args)
     names = {p.name for p in tmp_path.iterdir()}
     assert {
         "model_index.json",
@@ -331,10 +312,19 @@ def test_save_pretrained_writes_a_complete_folder(tiny_pipeline, tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "library_name: diffusers" in card and "- unconditional-image-generation" in card and "- mnist" in card
     assert "samples.png" in card and "learning_rate" in card
+    assert "immiscible_noise" not in card  # a retired lever that was off says nothing about the model
     assert "hf_s3cr3t" not in "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file())
-    # Hub metadata names Hub datasets, never a local path.
-    assert "- ylecun/mnist" in str(tiny_pipeline.model_card({"dataset_name": "ylecun/mnist"}))
-    assert "datasets:" not in str(tiny_pipeline.model_card({"dataset_name": str(tmp_path)}))
+    # Hub metadata names Hub datasets; a local folder is named as one, never by a path of the training machine.
+    assert "- ylecun/mnist" in str(model_card(tiny_pipeline, {"dataset_name": "ylecun/mnist"}))
+    local = str(model_card(tiny_pipeline, {"dataset_name": str(tmp_path / "mnist")}))
+    assert (
+        "datasets:" not in local
+        and str(tmp_path) not in local
+        and "| dataset_name | `a local copy (mnist)` |" in local
+    )
+    # A plain save_pretrained (what a pipeline loaded with trust_remote_code has) saves what loading needs.
+    tiny_pipeline.save_pretrained(tmp_path / "plain")
+    assert MNISTDiffusionPipeline.from_pretrained(tmp_path / "plain").conditioning == "none"
 
 
 def test_reload_three_ways_in_fresh_processes(tiny_pipeline, tmp_path):
@@ -397,9 +387,9 @@ def test_push_to_hub_uploads_the_saved_folder_and_card(tiny_pipeline, monkeypatc
         calls["card"] = open(f"{folder_path}/README.md").read()
         return "https://huggingface.co/someone/ddpm-mnist/commit/1"
 
-    monkeypatch.setattr("pipeline.pipeline_mnist_diffusion.create_repo", fake_create_repo)
+    monkeypatch.setattr("pipeline.card.create_repo", fake_create_repo)
     monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", fake_upload_folder)
-    url = tiny_pipeline.push_to_hub("ddpm-mnist", private=True, token="hf_SECRET", training_args={"seed": 0})
+    url = push_pipeline(tiny_pipeline, "ddpm-mnist", private=True, token="hf_SECRET", training_args={"seed": 0})
     assert url.endswith("/commit/1")
     assert calls["create_repo"] == ("ddpm-mnist", {"private": True, "token": "hf_SECRET", "exist_ok": True})
     assert calls["upload"][0] == "someone/ddpm-mnist" and calls["upload"][1]["token"] == "hf_SECRET"
@@ -431,7 +421,8 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
     from pipeline.cli import main
 
     tiny_pipeline.scheduler = DDPMScheduler.from_config(tiny_pipeline.scheduler.config, timestep_spacing="leading")
-    tiny_pipeline.save_pretrained(
+    save_pipeline(
+        tiny_pipeline,
         tmp_path,
         training_args={"learning_rate": 0.002, "dataset_name": "ylecun/mnist"},
         results={"training_minutes": 12.5, "fid": 9.0, "eval_num_samples": 1000},
@@ -469,24 +460,22 @@ def test_resave_makes_a_stale_folder_current_and_keeps_weights_and_settings(tiny
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_loss_targets_and_weights(prediction_type):
+def test_loss_targets_and_timesteps(prediction_type):
     from pipeline.loss import DiffusionLoss
 
     _, scheduler = create_model_and_scheduler(prediction_type=prediction_type)
-    loss = DiffusionLoss(scheduler, snr_gamma=5.0)
+    loss = DiffusionLoss(scheduler)
     x0, noise, t = torch.randn(3, 1, 28, 28), torch.randn(3, 1, 28, 28), torch.tensor([0, 25, 49])
     a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     expected = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}
     torch.testing.assert_close(loss.target(x0, noise, t), expected[prediction_type])
-    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
-    torch.testing.assert_close(loss.weights(t), (5.0 / snr).clamp(max=1))  # only easy, low-noise steps weigh less
-    assert loss.weights(t)[0] < 1 and loss.weights(t)[2] == 1
-    # The densities stay on the training grid.
-    for scheme in ("none", "logit_normal", "mode"):
-        for stratified in (False, True):
-            loss = DiffusionLoss(scheduler, weighting_scheme=scheme, stratified=stratified)
-            drawn = loss.sample_timesteps(4096, torch.manual_seed(0), "cpu")
-            assert drawn.min() >= 0 and drawn.max() <= 49 and len(drawn.unique()) > 40
+    # The densities stay on the training grid; logit_normal follows its density, with most mass mid-way.
+    edges = torch.linspace(0, 1, 51).double()
+    mass = np.diff(torch.special.ndtr(torch.logit(edges)).numpy())
+    for scheme, expected_share in (("none", np.full(50, 1 / 50)), ("logit_normal", mass)):
+        drawn = DiffusionLoss(scheduler, weighting_scheme=scheme).sample_timesteps(4096, torch.manual_seed(0), "cpu")
+        share = torch.bincount(drawn, minlength=50).numpy() / 4096
+        assert drawn.min() >= 0 and drawn.max() <= 49 and np.abs(share - expected_share).max() < 0.01
 
 
 def test_shipped_models_draw_the_digits_they_drew_before_the_reorganisation():

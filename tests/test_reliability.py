@@ -1,6 +1,7 @@
 """Faults: kills at random moments, preemption signals, diverging loss, a full disk, corrupt files, secrets."""
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -14,10 +15,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from conftest import ROOT, assert_same_weights, base_args, cli_error, train
+from conftest import ROOT, assert_same_weights, base_args, cli_error, distill, train
 from safetensors.torch import load_file, save_file
 
-from pipeline.training import find_checkpoint, setting_changes
+from pipeline.checkpoint import check_resume_settings, find_checkpoint, setting_changes
 
 FINAL = ("unet/diffusion_pytorch_model.safetensors",)
 
@@ -216,20 +217,28 @@ def test_resuming_applies_a_new_learning_rate_and_refuses_settings_that_break_ex
     assert [group["lr"] for group in optimizer["param_groups"]] == [1e-5]
 
 
-def test_a_checkpoint_from_before_a_new_setting_resumes_at_its_old_value():
-    saved = {"seed": 0, "weighting_scheme": "logit_normal"}  # written before --stratified_timesteps existed
-    current = {**saved, "stratified_timesteps": False, "stable_target_reference_size": 0}
+def test_checkpoints_from_before_a_setting_was_added_renamed_or_retired(tmp_path):
+    saved = {"seed": 0, "weighting_scheme": "logit_normal"}  # written before --stable_target_reference_size existed
+    current = {**saved, "stable_target_reference_size": 0}
     assert setting_changes(saved, current) == ([], [])
-    breaking, _ = setting_changes(saved, {**current, "stratified_timesteps": True})
-    assert breaking == ["--stratified_timesteps: False -> True"]
     breaking, _ = setting_changes(saved, {**current, "stable_target_reference_size": 4096})
     assert breaking == ["--stable_target_reference_size: 0 -> 4096"]
+    # train_ddpm.py's distillation checkpoints recorded the denoising settings and --distill_from too.
+    saved = {"seed": 0, "distill_from": "teacher", "conditioning": "none", "immiscible_noise": False}
+    assert setting_changes(saved, {"seed": 0, "pretrained_teacher_model": "teacher"}) == ([], [])
+    # A run that trained with a retired lever on is refused in one line that says so.
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    state = {"train_minutes": 1.0, "num_processes": 1, "args": {**saved, "snr_gamma": 5.0}}
+    (checkpoint / "training_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"trained with --snr_gamma 5.0, a lever this version retired"):
+        check_resume_settings(str(checkpoint), {"seed": 0}, 1)
 
 
 def test_one_run_at_a_time_per_output_dir_and_a_dead_run_frees_it(mnist_dir, tiny_unet_config, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.training import OutputDirLock; "
+        [sys.executable, "-c", "import sys, time; from pipeline.checkpoint import OutputDirLock; "
          f"lock = OutputDirLock({str(out)!r}); print('locked', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -312,8 +321,10 @@ def test_a_distillation_checkpoint_from_before_the_split_resumes_to_the_same_wei
     shutil.copytree(old / "teacher", tmp_path / "teacher")
     shutil.copytree(old / "checkpoint-2", tmp_path / "out" / "checkpoint-2")
     monkeypatch.chdir(tmp_path)
-    train(
-        *("--dataset_name", "mnist", "--distill_from", "teacher", "--output_dir", "out", "--train_batch_size", "16"),
+    # train_distill.py continues it, the old --distill_from recorded as its --pretrained_teacher_model.
+    distill(
+        *("--dataset_name", "mnist", "--pretrained_teacher_model", "teacher", "--output_dir", "out"),
+        *("--train_batch_size", "16"),
         *(
             "--eval_batch_size",
             "4",

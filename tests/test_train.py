@@ -15,6 +15,7 @@ from conftest import ROOT, assert_same_weights, base_args, cli_error, run_python
 from PIL import Image
 
 import train_ddpm
+from pipeline import training
 
 
 def test_train_save_and_sample_in_a_fresh_process(mnist_dir, tiny_unet_config, tmp_path):
@@ -167,8 +168,8 @@ def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_conf
     def fake_upload_folder(repo_id, folder_path, **kwargs):
         calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
 
-    monkeypatch.setattr(train_ddpm, "create_repo", fake_create_repo)
-    monkeypatch.setattr("pipeline.pipeline_mnist_diffusion.create_repo", fake_create_repo)
+    monkeypatch.setattr(training, "create_repo", fake_create_repo)
+    monkeypatch.setattr("pipeline.card.create_repo", fake_create_repo)
     monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", fake_upload_folder)
     token = "hf_tok3n_n3v3r_wr1773n"
     train(
@@ -206,13 +207,12 @@ def test_stable_targets_resume_exactly_keep_to_the_label_and_are_refused_where_t
                          "--conditioning", "class", "--stable_target_reference_size", size))  # fmt: skip
     with pytest.raises(AssertionError):
         assert_same_weights(tmp_path / "class_64" / final, tmp_path / "class_0" / final)
-    # On by default for denoising training, conditional too; distillation defaults to its teacher's targets.
-    for extra, default in ((["--conditioning", "class"], 16384), (["--distill_from", str(straight)], 0), ([], 16384)):
+    # On by default for denoising training, conditional too.
+    for extra in (["--conditioning", "class"], []):
         args = ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path / "x"), *extra]
-        assert train_ddpm.parse_args(args).stable_target_reference_size == default
-        size = "64" if "--distill_from" in extra else "-1"
-        message = cli_error(capsys, *args, "--stable_target_reference_size", size)
-        assert "--stable_target_reference_size must be 0 or positive, and is for denoising training" in message
+        assert train_ddpm.parse_args(args).stable_target_reference_size == 16384
+        message = cli_error(capsys, *args, "--stable_target_reference_size", "-1")
+        assert "--stable_target_reference_size must be 0 or positive" in message
 
 
 def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path, capsys):
@@ -233,10 +233,10 @@ def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_about(mnist_dir, tmp_path
         ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path), "--mixed_precision", "bf16"]
     )
     for native in (True, False):
-        monkeypatch.setattr(train_ddpm, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(training, "native_bf16", lambda device, native=native: native)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            assert train_ddpm.make_accelerator(args).mixed_precision == "bf16"
+            assert training.make_accelerator(args).mixed_precision == "bf16"
         AcceleratorState._reset_state(reset_partial_state=True)
         assert ("has no native bf16" in caplog.text) == (not native)
 
@@ -283,7 +283,7 @@ def test_time_to_fid_benchmark_trains_collects_and_draws(mnist_dir, tiny_unet_co
     flags = f"--model_config_name_or_path {tiny_unet_config} --train_batch_size 16 --num_epochs 2 --eval_batch_size 4"
     command = [sys.executable, str(ROOT / "benchmarks" / "time_to_fid.py"), "--dataset_name", str(mnist_dir),
                "--eval_num_samples", "8", "--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.json"),
-               "--plot", str(tmp_path / "t.png"), "--recipe", "a", flags + " --snr_gamma 5"]  # fmt: skip
+               "--plot", str(tmp_path / "t.png"), "--recipe", "a", flags + " --weighting_scheme none"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for _ in range(2):  # the second time, finished runs are collected as they are
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

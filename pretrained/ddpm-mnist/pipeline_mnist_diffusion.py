@@ -1,16 +1,16 @@
 # Copyright 2026 The MNIST Diffusion authors. Licensed under the Apache License, Version 2.0.
 """`MNISTDiffusionPipeline`: a 50-step DDPM for 28x28 grayscale digits.
 
-This file is self-contained (it imports only torch, numpy, PIL, huggingface_hub, transformers and diffusers): `save_pretrained`
-copies it next to the weights, so `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds the class
-even where this package is not installed.
+This file is self-contained (it imports only torch, numpy, transformers and diffusers): `save_pretrained` copies it
+next to the weights, so `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds the class even where
+this package is not installed. The model card, the sample grid and the Hub upload live in the package
+(`pipeline/card.py`), so that they change without re-saving weight folders.
 """
 
 import inspect
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -29,15 +29,9 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import ModelCard, ModelCardData, create_repo
-from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 MODULE_NAME = os.path.splitext(os.path.basename(__file__))[0]
-# Settings that must never reach a model card (`train_ddpm.py` hands its arguments to the card).
-SECRET_SETTINGS = ("hub_token",)
-# What saved sample grids and model cards ask a conditional model for.
-EXAMPLE_PROMPT = "a handwritten {}"
 
 
 def check_unet_config(config: Any) -> None:
@@ -52,12 +46,6 @@ def check_unet_config(config: Any) -> None:
             f"image and the way back up must restore it exactly. Use at most "
             f"{(size & -size).bit_length()} levels (block_out_channels) for this sample_size."
         )
-
-
-def card_table(heading: str, values: dict) -> str:
-    """A two-column Markdown table of a model card, one `| key | `value` |` row per item, sorted by key."""
-    rows = "".join(f"| {k} | `{v}` |\n" for k, v in sorted(values.items()))
-    return f"| {heading} | value |\n| --- | --- |\n{rows}"
 
 
 def sample_shape(config: Any) -> tuple[int, int]:
@@ -86,23 +74,6 @@ def scales_noise(scheduler: Any) -> bool:
     if isinstance(scheduler, DPMSolverMultistepScheduler):
         return scheduler.config.algorithm_type.startswith("sde")
     return isinstance(scheduler, LCMScheduler)
-
-
-def image_grid(images: np.ndarray, nrow: int = 8, scale: int = 2, pad: int = 2) -> Image.Image:
-    """Tile `(N, H, W)` uint8 images into one grayscale PIL grid, upscaled with nearest neighbour (never blurred)."""
-    n, h, w = images.shape
-    ncol = min(nrow, n)
-    nrows = -(-n // ncol)
-    grid = np.zeros((nrows * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
-    return Image.fromarray(grid, mode="L").resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Pipeline `np` output `(N, H, W, 1)` in [0, 1] to `(N, H, W)` uint8, MNIST's own format."""
-    return (images[..., 0] * 255).round().astype(np.uint8)
 
 
 class MNISTDiffusionPipeline(DDPMPipeline):
@@ -519,14 +490,10 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             config["_class_name"] = cls.__name__
         return config
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        training_args: dict | None = None,
-        results: dict | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Save weights (safetensors), configs, this module file, a sample grid and a model card to a folder."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save weights (safetensors) and configs, and this module file, which `model_index.json` names so that
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` finds the class. The package's
+        `pipeline.card.save_pipeline` adds a sample grid and the model card."""
         super().save_pretrained(save_directory, **kwargs)
         shutil.copyfile(inspect.getfile(type(self)), os.path.join(save_directory, f"{MODULE_NAME}.py"))
         index_file = os.path.join(save_directory, "model_index.json")
@@ -536,104 +503,3 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         with open(index_file, "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
-
-        digits = self(
-            generator=torch.Generator().manual_seed(0), output_type="np", **self.example_conditions(16)
-        ).images
-        image_grid(to_uint8(digits), nrow=8, scale=3).save(os.path.join(save_directory, "samples.png"))
-        self.model_card(training_args, results).save(os.path.join(save_directory, "README.md"))
-
-    def example_conditions(self, n: int) -> dict:
-        """Keyword arguments that ask for `n` digits, 0 to 9 in turn if the model takes a condition."""
-        digits = [i % 10 for i in range(n)]
-        if self.conditioning == "class":
-            return {"class_labels": digits}
-        if self.conditioning == "text":
-            return {"prompt": [EXAMPLE_PROMPT.format(d) for d in digits]}
-        return {"batch_size": n}
-
-    def model_card(self, training_args: dict | None = None, results: dict | None = None) -> ModelCard:
-        """A Hub model card: metadata, a sample grid, how to load and sample, results and the training settings.
-
-        `results` (what training and evaluation measured: training steps and minutes, FID, ...) becomes a table."""
-        dataset = (training_args or {}).get("dataset_name")
-        task = {"none": "unconditional-image-generation", "class": "image-generation", "text": "text-to-image"}
-        data = ModelCardData(
-            library_name="diffusers",
-            license="apache-2.0",
-            pipeline_tag=task[self.conditioning],
-            tags=[task[self.conditioning], "diffusers", "ddpm", "mnist"],
-            datasets=[dataset] if dataset and not os.path.exists(dataset) else None,  # Hub ids only, not local paths
-        )
-        steps = self.default_num_inference_steps
-        params = sum(p.numel() for p in self.unet.parameters())
-        settings = {k: v for k, v in (training_args or {}).items() if k not in SECRET_SETTINGS}
-        results_text = (
-            "\n## Results\n\nMeasured at the end of training (`train_ddpm.py`) and by `mnist-diffusion evaluate`: "
-            "FID, precision and recall of generated digits against the MNIST test split, in the features of the "
-            "package's MNIST classifier (lower FID is better).\n\n" + card_table("measure", results)
-            if results
-            else ""
-        )
-        settings_text = "\n## Training settings\n\n" + card_table("setting", settings) if settings else ""
-        call = {
-            "none": "batch_size=16",
-            "class": "class_labels=[7] * 16, guidance_scale=2.0",
-            "text": f'prompt="{EXAMPLE_PROMPT.format(7)}", batch_size=16, guidance_scale=2.0',
-        }[self.conditioning]
-        condition = {
-            "none": "",
-            "class": " of the digit you ask for (`class_labels`, classifier-free guidance)",
-            "text": f" that a prompt describes (a frozen `{type(self.text_encoder).__name__}`, classifier-free guidance)",
-        }[self.conditioning]
-        guide = (
-            "\nSampling steps away from `guide_unet`, a weaker copy of the model from earlier in its training "
-            "(autoguidance: `guidance_scale=2.0` by default, 1 turns it off)."
-            if self.guide_unet is not None
-            else ""
-        )
-        content = f"""---
-{data.to_yaml()}
----
-
-# {type(self).__name__}
-
-A denoising diffusion model (DDPM) that draws 28x28 grayscale handwritten digits{condition} in {steps} steps:
-a {params / 1e6:.2f} M-parameter `{type(self.unet).__name__}` and a `{type(self.scheduler).__name__}`
-(`{self.scheduler.config.beta_schedule}` betas, `{self.scheduler.config.prediction_type}` prediction).{guide}
-
-![samples](samples.png)
-
-## Usage
-
-```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("<this folder or repo id>", trust_remote_code=True)
-images = pipe({call}, generator=torch.manual_seed(0)).images  # 16 PIL images, mode "L"
-```
-
-`trust_remote_code=True` runs `{MODULE_NAME}.py` from this repository, which defines the pipeline class;
-read it first. With the `mnist-diffusion` package installed, `MNISTDiffusionPipeline.from_pretrained(...)`
-loads the same weights without running code from the repository.
-{results_text}{settings_text}"""
-        return ModelCard(content)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        training_args: dict | None = None,
-        results: dict | None = None,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-    ) -> str:
-        """Upload the folder `save_pretrained` writes (weights, module file, sample grid, model card) to the Hub."""
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmpdir:
-            self.save_pretrained(tmpdir, training_args=training_args, results=results)
-            return self._upload_folder(
-                tmpdir, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
-            )

@@ -21,10 +21,10 @@ import torch
 from diffusers.callbacks import PipelineCallback
 from machine import describe, write_result
 
+from pipeline import MNISTDiffusionPipeline
 from pipeline.classifier import classify, load_classifier
 from pipeline.loss import DiffusionLoss, predicted_digit_and_noise
-from pipeline.pipeline_mnist_diffusion import MNISTDiffusionPipeline, to_uint8
-from pipeline.sampling import generate, load_sampler, sampling_precision
+from pipeline.sampling import generate, load_sampler, sampling_precision, to_uint8
 
 
 def parse_args() -> argparse.Namespace:
