@@ -12,6 +12,7 @@ sampler, steps, seed and digit give the same pixels.
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network: no usage reports
 
@@ -110,9 +111,9 @@ def build_demo(models: list[str]) -> gr.Blocks:
             guidance_interval=pipe.config.get("guidance_interval"),
             noise_scale=pipe.config.get("noise_scale"),
         )
-        shown = sorted(
-            {round(i * (steps - 1) / max(PROCESS_FRAMES - 1, 1)) for i in range(min(steps, PROCESS_FRAMES))}
-        )
+        # Evenly spaced steps, the first and the last included: every step of a few-step model.
+        frames_shown = min(steps, PROCESS_FRAMES)
+        shown = sorted({round(i * (steps - 1) / max(frames_shown - 1, 1)) for i in range(frames_shown)})
         frames = []
 
         def keep(pipeline: MNISTDiffusionPipeline, i: int, t: torch.Tensor, tensors: dict) -> dict:
@@ -215,7 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Serve `demo` (or one built from --model) until interrupted."""
     args = parse_args(argv)
-    app = build_demo(args.model) if args.model else demo
+    try:
+        app = build_demo(args.model) if args.model else demo
+    except (ValueError, OSError) as e:  # a folder or Hub id that is not a pipeline: one line, not a traceback
+        sys.exit(f"app.py: error: {e}")
     app.launch(server_name=args.server_name, server_port=args.server_port, theme=THEME, share=False)
 
 

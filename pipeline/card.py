@@ -4,28 +4,17 @@ import os
 import tempfile
 from typing import Any
 
-import torch
 from huggingface_hub import ModelCard, ModelCardData, create_repo
 
 from .checkpoint import RENAMED_SETTINGS, RETIRED_SETTINGS
 from .data import looks_like_path
 from .model import EXAMPLE_PROMPT
 from .pipeline_mnist_diffusion import MODULE_NAME, MNISTDiffusionPipeline
-from .sampling import image_grid, to_uint8
+from .sampling import digit_cycle, generate, image_grid, with_default_sampler
 
 # Settings that must never reach a model card (the training scripts hand their arguments to the card).
 SECRET_SETTINGS = ("hub_token",)
 TASKS = {"none": "unconditional-image-generation", "class": "image-generation", "text": "text-to-image"}
-
-
-def example_conditions(pipe: MNISTDiffusionPipeline, n: int) -> dict:
-    """Keyword arguments that ask for `n` digits, 0 to 9 in turn if the model takes a condition."""
-    digits = [i % 10 for i in range(n)]
-    if pipe.conditioning == "class":
-        return {"class_labels": digits}
-    if pipe.conditioning == "text":
-        return {"prompt": [EXAMPLE_PROMPT.format(d) for d in digits]}
-    return {"batch_size": n}
 
 
 def card_settings(training_args: dict | None) -> dict:
@@ -124,10 +113,14 @@ def save_pipeline(
     results: dict | None = None,
     **kwargs: Any,
 ) -> None:
-    """`pipe.save_pretrained`, plus a grid of 16 sample digits (seed 0) and the model card."""
+    """`pipe.save_pretrained`, plus a grid of 16 digits (seeds 0-15, 0 to 9 in turn if the model takes a condition,
+    drawn by its default sampler) and the model card."""
     pipe.save_pretrained(save_directory, **kwargs)
-    digits = pipe(generator=torch.Generator().manual_seed(0), output_type="np", **example_conditions(pipe, 16)).images
-    image_grid(to_uint8(digits), nrow=8, scale=3).save(os.path.join(save_directory, "samples.png"))
+    sampler, _, steps = with_default_sampler(pipe)
+    digits = generate(
+        sampler, 16, 0, 16, steps, digit_cycle(16) if pipe.conditioning != "none" else None, progress=False
+    )
+    image_grid(digits, nrow=8, scale=3).save(os.path.join(save_directory, "samples.png"))
     model_card(pipe, training_args, results).save(os.path.join(save_directory, "README.md"))
 
 

@@ -20,7 +20,6 @@ from .sampling import (
     DEFAULT_SAMPLER,
     SCHEDULERS,
     digit_cycle,
-    generate,
     generate_batches,
     image_grid,
     load_pipeline,
@@ -46,14 +45,20 @@ def positive_float(text: str) -> float:
 
 
 def writable(path: str) -> str:
-    """Create the folder of an output file, or fail with a one-line error before any work is done."""
+    """Create the folder of an output file and try the file itself, or fail with a one-line error before any work is
+    done (a folder's permissions do not say whether a file can be written there, e.g. under /proc)."""
+    if os.path.isdir(path):
+        raise ValueError(f"Cannot write {path}: it is a folder; give a file name.")
     folder = os.path.dirname(os.path.abspath(path))
+    existed = os.path.exists(path)
     try:
         os.makedirs(folder, exist_ok=True)
+        with open(path, "ab"):
+            pass
     except OSError as e:
         raise ValueError(f"Cannot write {path}: {e.strerror} ({e.filename}).") from e
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"Cannot write {path}: the folder {folder} is not writable.")
+    if not existed:
+        os.remove(path)
     return path
 
 
@@ -93,13 +98,18 @@ def sample(args: argparse.Namespace) -> None:
             raise ValueError("Interrupted before the first batch was done; nothing written.") from None
         print(f"Interrupted: writing the {sum(map(len, batches))} digits done.")
     digits = np.concatenate(batches)
-    image_grid(digits, nrow=args.nrow, scale=args.scale).save(args.out)
-    if args.images_dir:
-        os.makedirs(args.images_dir, exist_ok=True)
-        for i, digit in enumerate(digits):
-            image_grid(digit[None], nrow=1, scale=1, pad=0).save(os.path.join(args.images_dir, f"{i:05d}.png"))
+    # The arrays first: if a picture then fails to write (a disk filling up), the digits are kept.
     if args.npz:
         np.savez_compressed(args.npz, images=digits, seeds=np.arange(args.seed, args.seed + len(digits)))
+    try:
+        image_grid(digits, nrow=args.nrow, scale=args.scale).save(args.out)
+        if args.images_dir:
+            os.makedirs(args.images_dir, exist_ok=True)
+            for i, digit in enumerate(digits):
+                image_grid(digit[None], nrow=1, scale=1, pad=0).save(os.path.join(args.images_dir, f"{i:05d}.png"))
+    except OSError as e:
+        kept = f"the digits are in {args.npz}" if args.npz else "rerun with --npz FILE to keep the digits apart"
+        raise ValueError(f"Could not write the pictures ({e.strerror or e}); {kept}.") from e
     print(f"Wrote {len(digits)} digits to {args.out}" + (f" and {args.npz}" if args.npz else ""))
 
 
@@ -196,14 +206,17 @@ def resave(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     """Score generated digits against the real test set and print a table (and write JSON)."""
-    from .evaluate import MAX_ENTROPY, MIN_SAMPLES, evaluate_digits, reference_features
+    from .evaluate import MAX_ENTROPY, MAX_SAMPLES, MIN_SAMPLES, evaluate_digits, reference_features
 
     if args.out:
         writable(args.out)
     if (args.model is None) == (args.samples is None):
         raise ValueError("Give exactly one of --model (to generate digits) or --samples (digits made elsewhere).")
-    if args.model and args.num_samples < MIN_SAMPLES:
-        raise ValueError(f"--num_samples must be at least {MIN_SAMPLES} for the scores, got {args.num_samples}.")
+    if args.model and not MIN_SAMPLES <= args.num_samples <= MAX_SAMPLES:
+        raise ValueError(
+            f"--num_samples must be {MIN_SAMPLES} to {MAX_SAMPLES:,}, got {args.num_samples:,}: the scores need "
+            "a few digits, and compare every pair of them, so time and memory grow with its square (10,000 is usual)."
+        )
     labels = None
     if args.samples:
         digits = read_digits(args.samples)
@@ -213,11 +226,21 @@ def evaluate(args: argparse.Namespace) -> None:
         )
         # A conditional model is asked for 0..9 in turn, and scored on whether it drew what was asked.
         labels = digit_cycle(args.num_samples) if pipe.conditioning != "none" else None
-        with sampling_precision(pipe.device, args.precision):
-            digits = generate(
-                pipe, args.num_samples, args.seed, args.batch_size, steps, labels,
-                guidance_scale=args.guidance_scale, timesteps=args.timesteps, num_processes=args.num_processes,
-            )  # fmt: skip
+        batches = []
+        try:
+            with sampling_precision(pipe.device, args.precision):
+                for batch in generate_batches(
+                    pipe, args.num_samples, args.seed, args.batch_size, steps, labels,
+                    guidance_scale=args.guidance_scale, timesteps=args.timesteps, num_processes=args.num_processes,
+                ):  # fmt: skip
+                    batches.append(batch)
+        except KeyboardInterrupt:
+            done = sum(map(len, batches))
+            if done < MIN_SAMPLES:
+                raise ValueError(f"Interrupted after {done} digits, too few to score; nothing written.") from None
+            print(f"Interrupted: scoring the {done:,} digits done.")
+        digits = np.concatenate(batches)
+        labels = None if labels is None else labels[: len(digits)]
     results = evaluate_digits(digits, reference_features(args.dataset_name, args.split), labels)
     if args.model:
         results.update(

@@ -1,13 +1,14 @@
 """The one factory for the denoiser and its noise schedule, and the captions text-conditional models learn from."""
 
 import os
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .data import looks_like_path
-from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, check_unet_config
+from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, sample_shape
 
 NUM_TRAIN_TIMESTEPS = 50
 NUM_CLASSES = 10  # class-conditional UNets get one more embedding: the "no label" token of classifier-free guidance
@@ -30,6 +31,20 @@ CAPTION_TEMPLATES = (
 def captions(label: int) -> list[str]:
     """Every caption template filled in for one digit."""
     return [t.format(digit=label, word=NUMBER_WORDS[label]) for t in CAPTION_TEMPLATES]
+
+
+def check_unet_config(config: Any) -> None:
+    """Raise a clear `ValueError` if a UNet config cannot run at its `sample_size` (e.g. too many levels for 28)."""
+    halvings = len(config.block_out_channels) - 1
+    bad = [size for size in sample_shape(config) if size % 2**halvings]
+    if bad:
+        size = bad[0]
+        sizes = " -> ".join(str(size // 2**i) if size % 2**i == 0 else f"{size / 2**i:g}" for i in range(halvings + 1))
+        raise ValueError(
+            f"A UNet with {halvings + 1} resolution levels cannot run at {size}x{size} ({sizes}): each level halves the "
+            f"image and the way back up must restore it exactly. Use at most "
+            f"{(size & -size).bit_length()} levels (block_out_channels) for this sample_size."
+        )
 
 
 def create_model_and_scheduler(

@@ -60,6 +60,20 @@ def default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[str, int]:
     return DEFAULT_SAMPLER
 
 
+def with_default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[MNISTDiffusionPipeline, str, int]:
+    """The pipeline (its components shared) with its default sampler swapped in, the sampler's name and its steps:
+    how `mnist-diffusion` samples, scores and draws pictures of a model unless told otherwise."""
+    name, steps = default_sampler(pipe)
+    sampler = MNISTDiffusionPipeline(
+        **{**pipe.components, "scheduler": make_scheduler(name, pipe.scheduler.config)},
+        default_num_inference_steps=pipe.config.get("default_num_inference_steps"),
+        guidance_interval=pipe.config.get("guidance_interval"),
+        noise_scale=pipe.config.get("noise_scale"),
+    )
+    sampler.set_progress_bar_config(disable=True)
+    return sampler, name, steps
+
+
 def sampler_settings(pipe: MNISTDiffusionPipeline, scheduler: str | None, steps: int | None) -> tuple[str, int]:
     """The sampler and steps to use: those asked for, else the model's (`default_sampler`); a sampler asked for without
     steps takes its usual count (the training steps for ddpm, else DEFAULT_SAMPLER's)."""
@@ -186,6 +200,12 @@ def generate_batch(
         callback_on_step_end=callback_on_step_end,
         **condition,
     )
+    if not np.isfinite(output.images).all():
+        raise ValueError(
+            f"{type(pipe).__name__} drew digits that are not finite numbers (NaN or inf): the model's weights hold "
+            "them, or the guidance overflowed. Nothing was written; check the model folder, or sample with "
+            "--guidance_scale 1."
+        )
     return to_uint8(output.images)
 
 

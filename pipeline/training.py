@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from huggingface_hub import create_repo
 from tqdm.auto import tqdm
 
-from .card import example_conditions, push_pipeline, save_pipeline
+from .card import push_pipeline, save_pipeline
 from .checkpoint import (
     CHECKPOINT_CONFIG,
     TRAINING_STATE,
@@ -44,16 +44,7 @@ from .data import load_images
 from .evaluate import MIN_SAMPLES, evaluate_digits, evaluation_results, reference_features
 from .model import NUM_CLASSES
 from .pipeline_mnist_diffusion import MNISTDiffusionPipeline
-from .sampling import (
-    default_mixed_precision,
-    default_sampler,
-    digit_cycle,
-    generate,
-    image_grid,
-    make_scheduler,
-    native_bf16,
-    to_uint8,
-)
+from .sampling import default_mixed_precision, digit_cycle, generate, image_grid, native_bf16, with_default_sampler
 
 logger = get_logger(__name__)
 
@@ -387,14 +378,14 @@ def save_outputs(
         guide = pipeline.guide_unet
         same = guide is not None and all(map(torch.equal, guide.parameters(), unet.parameters()))
         guidance = {"guidance_scale": 1.0} if same else {}  # otherwise the pipeline's default
+        # Pictures and scores come from the sampler `mnist-diffusion` uses by default (20 steps, or a distilled
+        # model's few), the digits asked for 0..9 in turn where the model takes a condition.
+        sampler_pipe, sampler, steps = with_default_sampler(pipeline)
+        conditional = pipeline.conditioning != "none"
         if save_images:
-            digits = to_uint8(
-                pipeline(
-                    generator=torch.Generator().manual_seed(0),
-                    output_type="np",
-                    **guidance,
-                    **example_conditions(pipeline, args.eval_batch_size),
-                ).images
+            wanted = digit_cycle(args.eval_batch_size) if conditional else None
+            digits = generate(
+                sampler_pipe, args.eval_batch_size, 0, args.eval_batch_size, steps, wanted, progress=False, **guidance
             )
             image_grid(digits).save(os.path.join(args.output_dir, "samples", f"epoch_{record['epoch']:04d}.png"))
             for tracker in accelerator.trackers:
@@ -405,16 +396,13 @@ def save_outputs(
 
                     tracker.log({"samples": [wandb.Image(d) for d in digits]}, step=record["step"])
         if score and run.real_features is not None:
-            # Scored the way `mnist-diffusion evaluate` scores a saved model, with its default sampler; conditional
-            # models are asked for 0..9 in turn and scored on whether they drew what was asked.
-            sampler, steps = default_sampler(pipeline)
-            scorer = MNISTDiffusionPipeline(
-                **{**pipeline.components, "scheduler": make_scheduler(sampler, pipeline.scheduler.config)},
-                guidance_interval=pipeline.config.guidance_interval,
-            )
-            wanted = digit_cycle(args.eval_num_samples) if pipeline.conditioning != "none" else None
+            # Scored the way `mnist-diffusion evaluate` scores a saved model; conditional models on whether they drew
+            # what was asked.
+            wanted = digit_cycle(args.eval_num_samples) if conditional else None
             with accelerator.autocast():
-                digits = generate(scorer, args.eval_num_samples, 0, 125, steps, wanted, progress=False, **guidance)
+                digits = generate(
+                    sampler_pipe, args.eval_num_samples, 0, 125, steps, wanted, progress=False, **guidance
+                )
             results = {**evaluate_digits(digits, run.real_features, wanted), "scheduler": sampler, "steps": steps}
             card_results.update(evaluation_results(results))
             accelerator.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step=record["step"])
@@ -472,119 +460,110 @@ def train_loop(
     Everything random in a step is a function of (seed, step, micro-batch), so resuming is exact. SIGTERM or Ctrl-C
     finishes the step, checkpoints and exits 128 + the signal; a non-finite loss or weights stop the run unsaved."""
     try:
-        _train(
-            run,
-            model,
-            optimizer,
-            lr_scheduler,
-            ema_model,
-            pipeline,
-            step_loss,
-            after_update,
-            other_optimizers,
-            project_name,
+        args, accelerator, device = run.args, run.accelerator, run.accelerator.device
+        global_step = resume(run, model, lr_scheduler, ema_model)
+        if accelerator.is_main_process:
+            # Trackers take scalars and strings only.
+            hparams = {k: v for k, v in run.training_args.items() if isinstance(v, (int, float, str, bool))}
+            accelerator.init_trackers(project_name, config=hparams)
+            os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+        pipeline.set_progress_bar_config(disable=True)
+        progress_bar = tqdm(
+            total=run.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
         )
-    finally:
-        if run.lock is not None:
-            run.lock.release()
-
-
-def _train(
-    run: Run,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ema_model: EMAModel | None,
-    pipeline: MNISTDiffusionPipeline,
-    step_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
-    after_update: Callable[[int], None],
-    other_optimizers: tuple[torch.optim.Optimizer, ...],
-    project_name: str,
-) -> None:
-    """`train_loop`'s body, which runs while the output folder is locked."""
-    args, accelerator, device = run.args, run.accelerator, run.accelerator.device
-    global_step = resume(run, model, lr_scheduler, ema_model)
-    if accelerator.is_main_process:
-        # Trackers take scalars and strings only.
-        hparams = {k: v for k, v in run.training_args.items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(project_name, config=hparams)
-        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-    pipeline.set_progress_bar_config(disable=True)
-    progress_bar = tqdm(
-        total=run.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    stop = StopSignals()
-    run.clock.start(run.state["train_minutes"] if run.state is not None else 0.0)
-    permutation, permutation_epoch = None, None
-    model.train()
-    while global_step < run.max_train_steps:
-        epoch, step_in_epoch = divmod(global_step, run.steps_per_epoch)
-        if permutation_epoch != epoch:
-            permutation, permutation_epoch = epoch_permutation(len(run.digits), args.seed, epoch, device), epoch
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(args.gradient_accumulation_steps):
-            batch = permutation[
-                micro_batch_slice(step_in_epoch, micro_step, args.gradient_accumulation_steps,
-                                  accelerator.num_processes, accelerator.process_index, args.train_batch_size)
-            ]  # fmt: skip
-            with accelerator.accumulate(model), accelerator.autocast():  # autocast: a teacher's calls too
-                loss = step_loss(batch, global_step, micro_step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                for each in (optimizer, *other_optimizers):
-                    each.step()
-                    each.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / args.gradient_accumulation_steps
-        lr_scheduler.step()
-        if ema_model is not None:
-            ema_model.step(model.parameters())
-        global_step += 1
-        after_update(global_step)
-        progress_bar.update(1)
-        # One all-reduce for the mean loss and for "did any process get a stop signal", so all stop at one step.
-        loss_sum, stops = accelerator.reduce(
-            torch.stack([loss_sum, torch.tensor(float(len(stop.received)), device=device)]), reduction="sum"
-        ).tolist()
-        logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
-        save_now = global_step % args.checkpointing_steps == 0 or stops
-        check_finite(run, model, global_step, logs["loss"], save_now)
-        if ema_model is not None:
-            logs["ema_decay"] = ema_model.cur_decay_value
-        progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-        accelerator.log(logs, step=global_step)
-        if save_now:
-            path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            logger.info(f"Saved {path}", main_process_only=True)
-        if stops:
-            progress_bar.close()
-            signum = stop.received[0] if stop.received else signal.SIGTERM  # another process may have got it
+        stop = StopSignals()
+        run.clock.start(run.state["train_minutes"] if run.state is not None else 0.0)
+        permutation, permutation_epoch = None, None
+        model.train()
+        while global_step < run.max_train_steps:
+            epoch, step_in_epoch = divmod(global_step, run.steps_per_epoch)
+            if permutation_epoch != epoch:
+                permutation, permutation_epoch = epoch_permutation(len(run.digits), args.seed, epoch, device), epoch
+            loss_sum = torch.zeros((), device=device)
+            for micro_step in range(args.gradient_accumulation_steps):
+                batch = permutation[
+                    micro_batch_slice(step_in_epoch, micro_step, args.gradient_accumulation_steps,
+                                      accelerator.num_processes, accelerator.process_index, args.train_batch_size)
+                ]  # fmt: skip
+                with accelerator.accumulate(model), accelerator.autocast():  # autocast: a teacher's calls too
+                    loss = step_loss(batch, global_step, micro_step)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    for each in (optimizer, *other_optimizers):
+                        each.step()
+                        each.zero_grad(set_to_none=True)
+                loss_sum += loss.detach() / args.gradient_accumulation_steps
+            lr_scheduler.step()
+            if ema_model is not None:
+                ema_model.step(model.parameters())
+            global_step += 1
+            after_update(global_step)
+            progress_bar.update(1)
+            # One all-reduce for the mean loss and for "did any process get a stop signal", so all stop at one step.
+            loss_sum, stops = accelerator.reduce(
+                torch.stack([loss_sum, torch.tensor(float(len(stop.received)), device=device)]), reduction="sum"
+            ).tolist()
+            logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
+            save_now = global_step % args.checkpointing_steps == 0 or stops
+            check_finite(run, model, global_step, logs["loss"], save_now)
+            if ema_model is not None:
+                logs["ema_decay"] = ema_model.cur_decay_value
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            accelerator.log(logs, step=global_step)
+            if save_now:
+                path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                logger.info(f"Saved {path}", main_process_only=True)
+            if stops:
+                progress_bar.close()
+                signum = stop.received[0] if stop.received else signal.SIGTERM  # another process may have got it
+                accelerator.print(
+                    f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved {path}. Resume with the same "
+                    "command plus --resume_from_checkpoint latest."
+                )
+                accelerator.end_training()
+                raise SystemExit(128 + signum)
+            if global_step % run.steps_per_epoch == 0 and global_step < run.max_train_steps:
+                epoch = global_step // run.steps_per_epoch
+                with run.clock.paused():
+                    if accelerator.is_main_process:
+                        record = {"step": global_step, "epoch": epoch, "train_minutes": run.clock.minutes()}
+                        save_outputs(
+                            run, pipeline, ema_model, record, save_images=epoch % args.save_images_epochs == 0,
+                            save_model=epoch % args.save_model_epochs == 0,
+                            score=bool(args.eval_epochs) and epoch % args.eval_epochs == 0,
+                        )  # fmt: skip
+                    accelerator.wait_for_everyone()
+        progress_bar.close()
+        minutes = run.clock.minutes()
+        resumed_here = run.resume_path is not None and checkpoint_step(run.resume_path) == global_step
+        if global_step % args.checkpointing_steps and not resumed_here:  # a stop during the outputs loses no step
+            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+        try:
+            stop.raise_from_now_on()
+            if accelerator.is_main_process:
+                epoch = math.ceil(global_step / run.steps_per_epoch)
+                record = {"step": global_step, "epoch": epoch, "train_minutes": minutes}
+                save_outputs(
+                    run, pipeline, ema_model, record, save_images=True, save_model=True, score=True, push=True
+                )
+                accelerator.print(
+                    f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of "
+                    "training)."
+                )
+        except Stopped as e:
             accelerator.print(
-                f"Stopped by {signal.Signals(signum).name} at step {global_step}; saved {path}. Resume with the same "
-                "command plus --resume_from_checkpoint latest."
+                f"Stopped by {e} while writing the end-of-run outputs; checkpoint-{global_step} holds all "
+                f"{global_step} steps. The same command plus --resume_from_checkpoint latest writes them."
             )
             accelerator.end_training()
-            raise SystemExit(128 + signum)
-        if global_step % run.steps_per_epoch == 0 and global_step < run.max_train_steps:
-            epoch = global_step // run.steps_per_epoch
-            with run.clock.paused():
-                if accelerator.is_main_process:
-                    record = {"step": global_step, "epoch": epoch, "train_minutes": run.clock.minutes()}
-                    save_outputs(
-                        run, pipeline, ema_model, record, save_images=epoch % args.save_images_epochs == 0,
-                        save_model=epoch % args.save_model_epochs == 0,
-                        score=bool(args.eval_epochs) and epoch % args.eval_epochs == 0,
-                    )  # fmt: skip
-                accelerator.wait_for_everyone()
-    progress_bar.close()
-    minutes = run.clock.minutes()
-    if accelerator.is_main_process:
-        record = {"step": global_step, "epoch": math.ceil(global_step / run.steps_per_epoch), "train_minutes": minutes}
-        save_outputs(run, pipeline, ema_model, record, save_images=True, save_model=True, score=True, push=True)
-        accelerator.print(
-            f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of training)."
-        )
-    accelerator.end_training()
+            raise SystemExit(128 + e.signum) from None
+        accelerator.end_training()
+    finally:  # let other runs write to the folder, and signals act as usual, whether this run ended or failed
+        if run.lock is not None:
+            run.lock.release()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, script: str) -> None:
@@ -659,6 +638,14 @@ def ema_weights(model: torch.nn.Module, ema_model: EMAModel | None) -> Iterator[
         ema_model.restore(model.parameters())
 
 
+class Stopped(Exception):
+    """A stop signal that interrupts the end-of-run outputs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopSignals:
     """Records SIGTERM (preemption) and SIGINT (Ctrl-C) so that training can checkpoint and stop at a step's end.
 
@@ -673,6 +660,17 @@ class StopSignals:
         self.received.append(signum)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def raise_from_now_on(self) -> None:
+        """From here on a signal interrupts what runs, as `Stopped` (once the weights are safe in a checkpoint)."""
+        if self.received:
+            raise Stopped(self.received[0])
+
+        def stop(signum: int, frame: object) -> None:
+            raise Stopped(signum)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
 
 class TrainingClock:

@@ -84,6 +84,7 @@ def fill(page, elem_id: str, value) -> None:
     page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
 
 
+@pytest.mark.slow
 def test_browser_draws_the_digits_mnist_diffusion_sample_draws(page, tmp_path, request):
     pick(page, "model", REQUEST["model"])
     pick(page, "digit", REQUEST["digit"])
@@ -103,6 +104,7 @@ def test_browser_draws_the_digits_mnist_diffusion_sample_draws(page, tmp_path, r
         page.screenshot(path=request.config.getoption("--screenshot"), full_page=True)
 
 
+@pytest.mark.slow
 def test_browser_gives_a_distilled_model_its_own_sampler_and_steps(page, tmp_path):
     fast = Path(app.ROOT) / "pretrained" / "ddpm-mnist-fast"
     steps = json.loads((fast / "model_index.json").read_text())["default_num_inference_steps"]
@@ -124,6 +126,7 @@ def test_browser_gives_a_distilled_model_its_own_sampler_and_steps(page, tmp_pat
     np.testing.assert_array_equal(shown, np.asarray(image_grid(np.load(npz)["images"], nrow=8, scale=3)))
 
 
+@pytest.mark.slow
 def test_browser_shows_bad_input_as_a_message(page):
     fill(page, "num_images", 0)
     page.locator("#generate").click()
@@ -144,12 +147,35 @@ def call(client: Client, model: str, digit: str, num_images: int, steps: int, se
     return client.submit(*inputs.values(), api_name="/generate")
 
 
+def tiles(grid: Image.Image, scale: int) -> np.ndarray:
+    """The 28x28 digits of an `image_grid` picture (2 pixels of padding), row by row: (rows, columns, 28, 28)."""
+    pixels = np.asarray(grid.convert("L"))[::scale, ::scale]
+    rows, columns = (pixels.shape[0] - 2) // 30, (pixels.shape[1] - 2) // 30
+    return np.stack([[pixels[2 + 30 * r : 30 * r + 30, 2 + 30 * c : 30 * c + 30] for c in range(columns)]
+                     for r in range(rows)])  # fmt: skip
+
+
+@pytest.mark.slow
 def test_api_draws_the_same_digits(client, tmp_path):
     grid, process = call(client, **REQUEST).result(timeout=60)
     expected = image_grid(sample_with_cli(tmp_path, **REQUEST), nrow=8, scale=3)
     np.testing.assert_array_equal(np.asarray(Image.open(grid).convert("L")), np.asarray(expected))
     # A row per digit shown (8) and a column per step shown (20), each digit 28 pixels with 2 of padding, doubled.
     assert Image.open(process).size == ((20 * 30 + 2) * 2, (8 * 30 + 2) * 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["ddpm-mnist", "ddpm-mnist-cond", "ddpm-mnist-fast"])
+def test_the_denoising_picture_shows_every_step_and_ends_at_each_digit(client, model):
+    folder = Path(app.ROOT) / "pretrained" / model
+    steps = json.loads((folder / "model_index.json").read_text())["default_num_inference_steps"] or 20
+    scheduler = "lcm" if model == "ddpm-mnist-fast" else "dpm++sde"
+    digit = "3" if model == "ddpm-mnist-cond" else "any"
+    grid, process = call(client, model, digit, 8, steps, 5, scheduler=scheduler).result(timeout=60)
+    digits, frames = tiles(Image.open(grid), 3)[0], tiles(Image.open(process), 2)
+    assert frames.shape[:2] == (8, min(steps, app.PROCESS_FRAMES))  # a row per digit, a column per step shown
+    np.testing.assert_array_equal(frames[:, -1], digits)  # the last column is the digit drawn
+    assert not np.array_equal(frames[:, 0], frames[:, -1])  # the first column is a noisy step, not the digit
 
 
 @pytest.mark.parametrize(
@@ -167,6 +193,7 @@ def test_api_refuses_bad_input_with_a_message(client, changes, message):
         call(client, **{**REQUEST, "num_images": 2, **changes}).result(timeout=60)
 
 
+@pytest.mark.slow
 def test_requests_at_once_queue_and_all_complete(client, tmp_path):
     seeds = [1, 2, 3, 4]
     jobs = [call(client, "ddpm-mnist", app.ANY, 4, 5, seed) for seed in seeds]  # sent before any is done
@@ -175,3 +202,9 @@ def test_requests_at_once_queue_and_all_complete(client, tmp_path):
         expected = image_grid(sample_with_cli(tmp_path, "ddpm-mnist", app.ANY, 4, 5, seed), nrow=4, scale=3)
         np.testing.assert_array_equal(np.asarray(Image.open(grid).convert("L")), np.asarray(expected))
     assert {fn.concurrency_limit for fn in app.demo.fns.values() if fn.api_name == "generate"} == {1}
+
+
+def test_a_model_that_is_not_there_is_one_line_at_start_up(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", str(tmp_path / "nope")])
+    assert str(exit_info.value.code) == f"app.py: error: --model {tmp_path / 'nope'}: no such folder."

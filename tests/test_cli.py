@@ -88,6 +88,7 @@ def test_custom_timesteps_replace_the_samplers_own_spacing(model_dir, mnist_dir,
     assert json.loads(out.read_text())["timesteps"] == grid
 
 
+@pytest.mark.slow
 def test_sample_in_two_processes_draws_the_same_digits(model_dir, tmp_path, tiny_pipeline):
     npz = tmp_path / "d.npz"
     main(["sample", "--model", str(model_dir), "--scheduler", "dpm++", "--num_inference_steps", "4", "--seed", "3"]
@@ -211,7 +212,10 @@ def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, 
             ["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--images_dir", "{file}"],
             "is a file; give a folder",
         ),
-        (["evaluate", "--model", "{model}", "--num_samples", "3"], "--num_samples must be at least 4"),
+        (["sample", "--model", "{model}", "--out", "{tmp}/dir.png"], "it is a folder; give a file name"),
+        (["sample", "--model", "{model}", "--out", "/proc/digits.png"], "Cannot write /proc/digits.png"),
+        (["evaluate", "--model", "{model}", "--num_samples", "3"], "--num_samples must be 4 to 100,000, got 3"),
+        (["evaluate", "--model", "{model}", "--num_samples", "1000000000000"], "must be 4 to 100,000"),
         (
             ["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--scheduler", "ddpm", "--noise_scale", "0.9"],
             "A noise scale is for the stochastic samplers (lcm, dpm++sde), not ddpm",
@@ -236,6 +240,7 @@ def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, 
 )
 def test_bad_input_is_one_line(model_dir, mnist_dir, tmp_path, capsys, argv, message):
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "dir.png").mkdir()
     fill = {"tmp": tmp_path, "model": model_dir, "mnist": mnist_dir, "file": tmp_path / "a_file"}
     with pytest.raises(SystemExit) as exit_info:
         main([a.format(**fill) for a in argv])
@@ -275,3 +280,33 @@ def test_interrupted_sampling_writes_the_digits_done(model_dir, tmp_path, monkey
     )
     assert "writing the 4 digits done" in capsys.readouterr().out
     assert np.load(npz)["images"].shape == (4, 28, 28) and (tmp_path / "g.png").is_file()
+    # Ctrl-C in evaluate scores the digits done, if there are enough; else one line, nothing written.
+    monkeypatch.setattr("pipeline.evaluate.reference_features", lambda *a: np.random.default_rng(0).random((64, 128)))
+    out = tmp_path / "eval.json"
+    main(["evaluate", "--model", str(model_dir), "--num_samples", "100", "--out", str(out)])
+    assert "scoring the 4 digits done" in capsys.readouterr().out and json.loads(out.read_text())["num_samples"] == 4
+
+    def one_batch_then_ctrl_c(*args, **kwargs):
+        yield np.zeros((2, 28, 28), np.uint8)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "generate_batches", one_batch_then_ctrl_c)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", str(model_dir), "--num_samples", "100", "--out", str(tmp_path / "e2.json")])
+    assert "Interrupted after 2 digits, too few to score" in str(exit_info.value.code)
+    assert not (tmp_path / "e2.json").exists()
+
+
+def test_non_finite_digits_are_never_written_with_exit_0(model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "grid.png"
+    with pytest.raises(SystemExit) as exit_info:  # refused before any digit is drawn
+        main(["sample", "--model", str(model_dir), "--num_images", "2", "--guidance_scale", "inf", "--out", str(out)])
+    assert "`guidance_scale` must be a finite number" in str(exit_info.value.code)
+    weights_file = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights_file)
+    save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, weights_file)
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match="not finite numbers"):
+        main(["sample", "--model", str(model_dir), "--num_images", "2", "--out", str(out)])
+    assert "drew digits that are not finite numbers" in str(exit_info.value.code) and not out.exists()

@@ -51,6 +51,7 @@ def test_class_labels_steer_sampling_with_guidance(class_model):
     assert (predictions[1] - predictions[0]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_class_conditional_folder_loads_in_a_fresh_process_without_the_package(class_model):
     result = run_python(
         "import torch\nfrom diffusers import DiffusionPipeline\n"
@@ -63,6 +64,7 @@ def test_class_conditional_folder_loads_in_a_fresh_process_without_the_package(c
     assert "MNISTDiffusionPipeline class (2, 28, 28, 1)" in result.stdout
 
 
+@pytest.mark.slow
 def test_text_conditional_trains_saves_reloads_and_generates(mnist_dir, tiny_text_unet_config, tiny_clip, tmp_path):
     out = tmp_path / "text"
     train(*base_args(mnist_dir, tiny_text_unet_config, out, *STEPS, "--conditioning", "text",
@@ -135,6 +137,7 @@ def test_command_line_draws_and_scores_the_digits_asked_for(class_model, mnist_d
     assert 0 <= results["label_accuracy"] <= 1 and results["guidance_scale"] == 2.0
 
 
+@pytest.mark.slow
 def test_several_processes_draw_the_digits_asked_for_in_order(class_model):
     from pipeline.sampling import digit_cycle, generate, load_sampler
 

@@ -41,6 +41,7 @@ def distill_args(mnist_dir, teacher, out, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_student_saves_its_scheduler_and_samples_in_its_few_steps(mnist_dir, teacher, tmp_path):
     out = tmp_path / "fast"
     distill(*distill_args(mnist_dir, teacher, out, "--max_train_steps", "3", "--num_inference_steps", "3"))
@@ -71,6 +72,7 @@ def test_student_saves_its_scheduler_and_samples_in_its_few_steps(mnist_dir, tea
     assert (results["scheduler"], results["steps"]) == ("lcm", 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--adversarial_weight", "0"], []], ids=["lcm", "adversarial"])
 def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, flags):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -92,6 +94,7 @@ def test_distillation_resumes_exactly(mnist_dir, teacher, tmp_path, flags):
         assert_same_weights(straight / "checkpoint-4" / name, resumed / "checkpoint-4" / name)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_distil_what_one_process_distils(mnist_dir, teacher, tmp_path):
     # Both terms; Adam's epsilon 1 keeps steps proportional to gradients (test_distributed.py says why), and the
     # learning rate is high enough to move the student well past the tolerance.
@@ -106,6 +109,7 @@ def test_two_cpu_processes_distil_what_one_process_distils(mnist_dir, teacher, t
         assert_same_weights(ddp / "checkpoint-3" / name, single / "checkpoint-3" / name)
 
 
+@pytest.mark.slow
 def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher, tmp_path, capsys):
     out = tmp_path / "out"
     error = lambda *argv: cli_error(capsys, *argv, script=train_distill)  # noqa: E731

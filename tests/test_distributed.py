@@ -61,6 +61,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_machines_train_what_one_process_trains(mnist_dir, tiny_unet_config, tmp_path):
     flags = ["--num_epochs", "2", "--checkpointing_steps", "4", "--mixed_precision", "no", "--lr_warmup_steps", "2"]
     # Adam scales every step to the learning rate, so rounding noise in a gradient that is zero in exact arithmetic
@@ -98,6 +99,7 @@ def test_two_machines_train_what_one_process_trains(mnist_dir, tiny_unet_config,
     assert not any((tmp_path / "node1").iterdir())
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_in_dry_run_mode(mnist_dir, tiny_unet_config, tiny_pipeline, tmp_path):
     tiny_pipeline.save_pretrained(tmp_path / "model")
     out = tmp_path / "gpu_check.json"
@@ -113,6 +115,7 @@ def test_gpu_check_runs_in_dry_run_mode(mnist_dir, tiny_unet_config, tiny_pipeli
     assert report["train_one_epoch_eager"]["exit_code"] == 0
 
 
+@pytest.mark.slow
 def test_a_machine_that_dies_stops_the_job_in_one_line_and_the_job_resumes_exactly(
     mnist_dir, tiny_unet_config, tmp_path
 ):

@@ -59,6 +59,7 @@ def test_precision_and_recall(real_features):
     assert precision_recall(real_features, far) == (0.0, 0.0)
 
 
+@pytest.mark.slow
 def test_only_zeros_to_fours_have_low_entropy_and_recall(real_features):
     full = evaluate_digits(DIGITS, real_features)
     assert full["class_entropy"] > 2.25 and full["fid"] < 1e-6 and full["confidence"] > 0.9

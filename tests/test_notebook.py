@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "walkthrough.ipynb"
 
 
+@pytest.mark.slow
 def test_walkthrough_runs_top_to_bottom(mnist_dir, tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert not [c for c in notebook.cells if c.get("outputs")], "commit the notebook without outputs"

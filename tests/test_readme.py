@@ -3,6 +3,7 @@
 import os
 import re
 
+import pytest
 import torch
 from conftest import ROOT, TINY_UNET
 from diffusers import LCMScheduler, UNet2DConditionModel, UNet2DModel
@@ -11,6 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(tmp_path, tiny_clip, monkeypatch):
     _, scheduler = create_model_and_scheduler()
     torch.manual_seed(0)

@@ -62,6 +62,7 @@ def finish(process: subprocess.Popen, log: Path) -> str:
     return log.read_text()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_same_weights(mnist_dir, tiny_unet_config, tmp_path):
     flags = ["--max_train_steps", "24", "--checkpointing_steps", "2", "--save_images_epochs", "100"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -92,6 +93,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_weights(mnist_dir,
         assert_same_weights(straight / name, killed / name)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resumes_exactly(mnist_dir, tiny_unet_config, tmp_path):
     flags = ["--max_train_steps", "40", "--checkpointing_steps", "1000", "--save_images_epochs", "100"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
@@ -110,6 +112,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(mnist_dir, tiny_unet_con
     assert_same_weights(straight / FINAL[0], stopped / FINAL[0])
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(mnist_dir, tiny_unet_config, tmp_path):
     out = tmp_path / "ddp"
     args = base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "200", "--checkpointing_steps", "1000")
@@ -148,6 +151,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(
     mnist_dir, tiny_unet_config, tmp_path, capsys, monkeypatch
 ):
@@ -183,6 +187,7 @@ def test_truncated_pipeline_weights_are_named(tiny_pipeline, tmp_path):
     assert "diffusion_pytorch_model.safetensors" in str(exit_info.value.code)
 
 
+@pytest.mark.slow
 def test_resuming_never_unpickles_arbitrary_objects(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
@@ -199,6 +204,7 @@ def test_resuming_never_unpickles_arbitrary_objects(mnist_dir, tiny_unet_config,
     assert calls and all(weights_only is True for weights_only in calls), calls
 
 
+@pytest.mark.slow
 def test_resuming_applies_a_new_learning_rate_and_refuses_settings_that_break_exactness(
     mnist_dir, tiny_unet_config, tmp_path, capsys
 ):
@@ -235,6 +241,7 @@ def test_checkpoints_from_before_a_setting_was_added_renamed_or_retired(tmp_path
         check_resume_settings(str(checkpoint), {"seed": 0}, 1)
 
 
+@pytest.mark.slow
 def test_one_run_at_a_time_per_output_dir_and_a_dead_run_frees_it(mnist_dir, tiny_unet_config, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
@@ -251,6 +258,7 @@ def test_one_run_at_a_time_per_output_dir_and_a_dead_run_frees_it(mnist_dir, tin
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_resuming_from_an_older_checkpoint_sets_the_newer_ones_aside(mnist_dir, tiny_unet_config, tmp_path, capsys):
     out = tmp_path / "run"
     train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
@@ -270,6 +278,7 @@ def test_too_few_evaluation_samples_are_refused_before_training(mnist_dir, tiny_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_and_missing_files_are_one_line_without_unsafe_advice(
     mnist_dir, tiny_unet_config, tmp_path, capsys
 ):
@@ -290,6 +299,7 @@ def test_damaged_checkpoints_and_missing_files_are_one_line_without_unsafe_advic
     assert "no such file or folder" in cli_error(capsys, *missing)
 
 
+@pytest.mark.slow
 def test_damaged_weights_in_a_checkpoint_are_named_not_resumed_from_in_a_loop(
     mnist_dir, tiny_unet_config, tmp_path, capsys
 ):
@@ -341,3 +351,33 @@ def test_a_distillation_checkpoint_from_before_the_split_resumes_to_the_same_wei
     assert_same_weights(
         tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors", old / "final_unet.safetensors"
     )
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_the_end_of_run_outputs_stops_at_once_and_loses_no_step(
+    mnist_dir, tiny_unet_config, tmp_path, monkeypatch, capsys
+):
+    from pipeline import training
+
+    flags = ["--max_train_steps", "5", "--checkpointing_steps", "3", "--save_images_epochs", "100"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(*base_args(mnist_dir, tiny_unet_config, straight, *flags))
+    save_outputs = training.save_outputs
+
+    def preempted(*args, **kwargs):  # the scheduler's SIGTERM lands while the final pictures are drawn
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the stop signal was ignored")
+
+    monkeypatch.setattr(training, "save_outputs", preempted)
+    with pytest.raises(SystemExit) as exit_info:
+        train(*base_args(mnist_dir, tiny_unet_config, stopped, *flags))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert (
+        "Stopped by SIGTERM while writing the end-of-run outputs; checkpoint-5 holds all 5 steps"
+        in capsys.readouterr().out
+    )
+    assert not (stopped / "model_index.json").exists()
+    monkeypatch.setattr(training, "save_outputs", save_outputs)
+    train(*base_args(mnist_dir, tiny_unet_config, stopped, *flags, "--resume_from_checkpoint", "latest"))
+    assert_same_weights(straight / FINAL[0], stopped / FINAL[0])

@@ -18,6 +18,7 @@ import train_ddpm
 from pipeline import training
 
 
+@pytest.mark.slow
 def test_train_save_and_sample_in_a_fresh_process(mnist_dir, tiny_unet_config, tmp_path):
     out = tmp_path / "run"
     # 128 images / batch 16 = 8 steps per epoch; 2 epochs; "latest" with no checkpoint yet starts fresh.
@@ -53,6 +54,7 @@ def test_train_save_and_sample_in_a_fresh_process(mnist_dir, tiny_unet_config, t
     )
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_gives_the_same_weights(mnist_dir, tiny_unet_config, tmp_path):
     # 8 steps per epoch; the checkpoint at step 6 is mid-epoch; 12 steps in all.
     flags = ["--max_train_steps", "12", "--checkpointing_steps", "6", "--save_images_epochs", "100"]
@@ -75,6 +77,7 @@ def test_resume_mid_epoch_gives_the_same_weights(mnist_dir, tiny_unet_config, tm
             assert_same_weights(straight / name, resumed / name)
 
 
+@pytest.mark.slow
 def test_the_guide_is_the_ema_model_early_in_training(mnist_dir, tiny_unet_config, tmp_path, capsys):
     out = tmp_path / "run"
     train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "4", "--checkpointing_steps", "2",
@@ -96,6 +99,7 @@ def test_the_guide_is_the_ema_model_early_in_training(mnist_dir, tiny_unet_confi
     assert json.loads((plain / "model_index.json").read_text())["guide_unet"] == [None, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
 def test_prediction_types_train_and_sample(mnist_dir, tiny_unet_config, tmp_path, prediction_type):
     from pipeline import MNISTDiffusionPipeline
@@ -111,6 +115,7 @@ def test_prediction_types_train_and_sample(mnist_dir, tiny_unet_config, tmp_path
     assert images.shape == (2, 28, 28, 1) and torch.isfinite(torch.from_numpy(images)).all()
 
 
+@pytest.mark.slow
 def test_eval_epochs_score_samples_against_the_test_split(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
     monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -136,6 +141,7 @@ def test_eval_epochs_score_samples_against_the_test_split(mnist_dir, tiny_unet_c
     assert Image.open(tmp_path / "curves.png").size == (1100, 360)
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_and_save_once(mnist_dir, tiny_unet_config, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -155,6 +161,7 @@ def test_two_cpu_processes_train_and_save_once(mnist_dir, tiny_unet_config, tmp_
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
     calls = []
 
@@ -184,6 +191,7 @@ def test_push_to_hub_at_the_end_never_writes_the_token(mnist_dir, tiny_unet_conf
             assert token.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow
 def test_stable_targets_resume_exactly_keep_to_the_label_and_are_refused_where_they_do_not_apply(
     mnist_dir, tiny_unet_config, tmp_path, capsys
 ):
@@ -241,6 +249,7 @@ def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_about(mnist_dir, tmp_path
         assert ("has no native bf16" in caplog.text) == (not native)
 
 
+@pytest.mark.slow
 def test_output_dir_and_checkpoints_are_protected(mnist_dir, tiny_unet_config, tmp_path, capsys):
     out = tmp_path / "run"
     train(*base_args(mnist_dir, tiny_unet_config, out, "--max_train_steps", "2", "--checkpointing_steps", "2"))
@@ -278,6 +287,7 @@ def test_a_checkpoint_written_before_the_layout_change_resumes_to_the_same_weigh
     assert_same_weights(out / "unet" / "diffusion_pytorch_model.safetensors", old / "final_unet.safetensors")
 
 
+@pytest.mark.slow
 def test_time_to_fid_benchmark_trains_collects_and_draws(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
     monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
     flags = f"--model_config_name_or_path {tiny_unet_config} --train_batch_size 16 --num_epochs 2 --eval_batch_size 4"

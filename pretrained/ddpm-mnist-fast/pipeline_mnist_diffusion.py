@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,20 +33,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 MODULE_NAME = os.path.splitext(os.path.basename(__file__))[0]
-
-
-def check_unet_config(config: Any) -> None:
-    """Raise a clear `ValueError` if a UNet config cannot run at its `sample_size` (e.g. too many levels for 28)."""
-    halvings = len(config.block_out_channels) - 1
-    bad = [size for size in sample_shape(config) if size % 2**halvings]
-    if bad:
-        size = bad[0]
-        sizes = " -> ".join(str(size // 2**i) if size % 2**i == 0 else f"{size / 2**i:g}" for i in range(halvings + 1))
-        raise ValueError(
-            f"A UNet with {halvings + 1} resolution levels cannot run at {size}x{size} ({sizes}): each level halves the "
-            f"image and the way back up must restore it exactly. Use at most "
-            f"{(size & -size).bit_length()} levels (block_out_channels) for this sample_size."
-        )
 
 
 def sample_shape(config: Any) -> tuple[int, int]:
@@ -78,18 +65,14 @@ def scales_noise(scheduler: Any) -> bool:
 
 class MNISTDiffusionPipeline(DDPMPipeline):
     r"""
-    Pipeline that generates 28x28 grayscale digits with a DDPM trained on MNIST: unconditionally, by class label
-    (a `UNet2DModel` with `num_class_embeds=11`: ten digits and a "no label" token) or by prompt (a
-    `UNet2DConditionModel` and a frozen CLIP text encoder), with classifier-free guidance; or guided by a weaker
-    version of itself (autoguidance, Karras et al. 2024, https://huggingface.co/papers/2406.02507): an unconditional
-    model with a `guide_unet` draws cleaner digits than it does alone.
+    Pipeline that generates 28x28 grayscale digits with a DDPM trained on MNIST: unconditionally, by class label (a
+    `UNet2DModel` with `num_class_embeds=11`: ten digits and a "no label" token) or by prompt (a `UNet2DConditionModel`
+    and a frozen CLIP text encoder), with classifier-free guidance, or guided by a weaker version of itself
+    (autoguidance, Karras et al. 2024, https://huggingface.co/papers/2406.02507).
 
-    Unlike the stock [`DDPMPipeline`], the number of steps defaults to the scheduler's training steps (50), and every
-    sampler starts from pure noise: any scheduler swapped in with `from_config` (DDPM, DDIM, DPM-Solver++, Euler,
-    UniPC, LCM, ...) samples in any number of steps up to the training steps, on timesteps from the last training
-    step down ("trailing" spacing; custom `timesteps` where the scheduler takes them). The sampler's state stays
-    float32 whatever the UNet's dtype, `output_type="latent"` returns that state, and `callback_on_step_end` sees
-    and may replace `latents` at every step.
+    Unlike the stock [`DDPMPipeline`], steps default to the training steps (50), and every sampler swapped in with
+    `from_config` starts from pure noise at the last training step, in any step count ("trailing" spacing, or custom
+    `timesteps`). The sampler's state stays float32 whatever the UNet's dtype; `output_type="latent"` returns it.
 
     Parameters:
         unet ([`UNet2DModel`] or [`UNet2DConditionModel`]): the denoiser, 1 input and 1 output channel.
@@ -100,13 +83,10 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             example the same model earlier in its training) to guide away from: autoguidance.
         default_num_inference_steps (`int`, *optional*): the steps to sample in when not told; set for few-step
             (distilled) models, whose scheduler is an [`LCMScheduler`]. Defaults to the training steps.
-        guidance_interval (`list[int]`, *optional*): the timesteps (lowest, highest) at which guidance is
-            applied: autoguidance does nothing at the noisiest steps and over-sharpens at the cleanest, and each
-            step outside saves the second UNet call. Defaults to every step.
-        noise_scale (`float`, *optional*): for the stochastic samplers ([`LCMScheduler`], and
-            [`DPMSolverMultistepScheduler`] with an `sde-` algorithm type), a factor on the starting noise and on the
-            fresh noise of each step (a temperature): below 1 it trades a little diversity for cleaner digits.
-            Defaults to 1.
+        guidance_interval (`list[int]`, *optional*): the timesteps (lowest, highest) at which guidance is applied;
+            defaults to every step.
+        noise_scale (`float`, *optional*): for the stochastic samplers (LCM, DPM-Solver++ SDE), a factor on the
+            starting and fresh noise (a temperature). Defaults to 1.
 
     Example:
 
@@ -257,7 +237,6 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         noise_scale: float,
     ) -> None:
         """Reject bad arguments before any work is done."""
-        check_unet_config(self.unet.config)
         if self.guide_unet is not None:
             keys = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "cross_attention_dim")
             differ = [k for k in keys if self.unet.config.get(k) != self.guide_unet.config.get(k)]
@@ -302,8 +281,10 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 f"A prompt needs a model with a text encoder; this one is conditioned on {self.conditioning}"
                 + (": pass `class_labels` instead." if self.conditioning == "class" else ".")
             )
-        if not guidance_scale >= 1:  # also refuses NaN
-            raise ValueError(f"`guidance_scale` must be at least 1 (1 means no guidance), got {guidance_scale}.")
+        if not 1 <= guidance_scale < float("inf"):  # also refuses NaN
+            raise ValueError(
+                f"`guidance_scale` must be a finite number, at least 1 (1: no guidance), got {guidance_scale}."
+            )
         max_steps = self.scheduler.config.num_train_timesteps
         if timesteps is not None:
             steps = [int(t) for t in timesteps]
@@ -351,33 +332,27 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         Generate digits.
 
         Args:
-            batch_size (`int`, *optional*): how many digits to generate; defaults to the number of labels or prompts,
-                else 1.
-            generator (`torch.Generator` or a list of them, *optional*): makes generation deterministic; one per image
-                makes each image independent of the batch it is in.
-            num_inference_steps (`int`, *optional*): denoising steps, 1 to the training steps; defaults to the
-                pipeline's `default_num_inference_steps` (the training steps, 50, unless the model is distilled).
+            batch_size (`int`, *optional*): digits to generate; defaults to the number of labels or prompts, else 1.
+            generator (`torch.Generator` or a list of them, *optional*): one per image makes each image independent of
+                the batch it is in.
+            num_inference_steps (`int`, *optional*): 1 to the training steps; defaults to the pipeline's
+                `default_num_inference_steps` (the training steps, 50, unless the model is distilled).
             timesteps (`list[int]`, *optional*): custom timesteps, descending from the last training step, for
-                schedulers whose `set_timesteps` takes them; overrides `num_inference_steps`.
+                schedulers whose `set_timesteps` takes them.
             class_labels (`int` or `list[int]`, *optional*): the digit(s) to draw, for a class-conditional model.
             prompt (`str` or `list[str]`, *optional*): what to draw, for a text-conditional model.
-            negative_prompt (`str` or `list[str]`, *optional*): what to steer away from; defaults to the empty prompt.
-            guidance_scale (`float`, defaults to 2.0): guidance weight `w` in `weak + w * (unet - weak)`, where the
-                weak prediction is `guide_unet`'s if the pipeline has one (autoguidance), else the UNet's without the
-                labels or prompt (classifier-free guidance); 1 means no guidance. Ignored with neither.
+            negative_prompt (`str` or `list[str]`, *optional*): what to steer away from; defaults to "".
+            guidance_scale (`float`, defaults to 2.0): `w` in `weak + w * (unet - weak)`, the weak prediction being
+                `guide_unet`'s (autoguidance) or the unconditioned UNet's (classifier-free guidance); 1: none.
             noise_scale (`float`, *optional*): a stochastic sampler's factor on its starting and fresh noise;
-                defaults to the pipeline's `noise_scale` with a sampler that takes it (LCM, DPM-Solver++ SDE), else 1
-                (other samplers take only 1).
-            latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`; drawn from
-                `generator` if not given.
-            output_type (`str`, defaults to `"pil"`): `"pil"` (mode "L" images), `"np"` (N, 28, 28, 1) floats in
-                [0, 1], `"pt"` (N, 1, 28, 28) float32 in [0, 1], or `"latent"`: the sampler's final state
-                (N, 1, 28, 28) float32 in [-1, 1], unclamped.
+                defaults to the pipeline's `noise_scale` where the sampler takes it, else 1.
+            latents (`torch.Tensor`, *optional*): the starting noise, `(batch_size, 1, 28, 28)`.
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` (N, 28, 28, 1) or `"pt"` (N, 1, 28, 28) in
+                [0, 1], or `"latent"`: the sampler's final state in [-1, 1], unclamped.
             return_dict (`bool`, defaults to `True`): return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*): called
-                after each step as `callback_on_step_end(pipe, i, t, callback_kwargs)` with the tensors named in
-                `callback_on_step_end_tensor_inputs` ("latents", alias "image", is x_t in [-1, 1]; "model_output" the
-                UNet's guided prediction); it may return a dict that replaces "latents".
+                after each step with the tensors named in `callback_on_step_end_tensor_inputs` ("latents", alias
+                "image", and "model_output"); it may return a dict that replaces "latents".
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` whose first element is the list or array of images.
@@ -466,6 +441,12 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 outputs = outputs or {}
                 latents = outputs.get("latents", outputs.get("image", latents))
 
+        if not torch.isfinite(latents).all():
+            warnings.warn(
+                "Sampling produced values that are not finite numbers (NaN or inf), so the digits are not usable: the "
+                "UNet's or the guide's weights hold them, or the guidance overflowed. Check the model folder.",
+                stacklevel=2,
+            )
         if output_type == "latent":
             image = latents
         else:
