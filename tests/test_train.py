@@ -29,19 +29,20 @@ def test_train_save_and_sample_in_a_fresh_process(mnist_dir, tiny_unet_config, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting a new training run" in result.stdout
     assert f"Saved the pipeline to {out} after 16 steps (" in result.stdout
-    # Checkpoints at 3, 6, 9, 12, 15, pruned to the newest two; no partial folders left.
-    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-12", "checkpoint-15"]
+    # Checkpoints at 3, 6, 9, 12, 15 and the last step, 16 (before the end-of-run outputs), pruned to the newest two;
+    # no partial folders left.
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-15", "checkpoint-16"]
     assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "unet_ema", "model_config.json"} <= {
         p.name for p in (out / "checkpoint-15").iterdir()
     }
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
-    # The saved pipeline holds the EMA weights, not the raw ones.
+    # The saved pipeline holds the EMA weights of the last step, not the raw ones.
     final = weights(out / "unet" / "diffusion_pytorch_model.safetensors")
-    ema = weights(out / "checkpoint-15" / "unet_ema" / "diffusion_pytorch_model.safetensors")
-    raw = weights(out / "checkpoint-15" / "model.safetensors")
+    ema = weights(out / "checkpoint-16" / "unet_ema" / "diffusion_pytorch_model.safetensors")
+    raw = weights(out / "checkpoint-16" / "model.safetensors")
     key = "conv_in.weight"
-    assert not torch.equal(final[key], raw[key]) and not torch.equal(ema[key], raw[key])
+    assert torch.equal(final[key], ema[key]) and not torch.equal(final[key], raw[key])
     # A fresh interpreter loads the folder through diffusers alone and samples.
     run_python(
         "import torch\n"
@@ -290,14 +291,17 @@ def test_a_checkpoint_written_before_the_layout_change_resumes_to_the_same_weigh
 @pytest.mark.slow
 def test_time_to_fid_benchmark_trains_collects_and_draws(mnist_dir, tiny_unet_config, tmp_path, monkeypatch):
     monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import time_to_fid
+
     flags = f"--model_config_name_or_path {tiny_unet_config} --train_batch_size 16 --num_epochs 2 --eval_batch_size 4"
-    command = [sys.executable, str(ROOT / "benchmarks" / "time_to_fid.py"), "--dataset_name", str(mnist_dir),
-               "--eval_num_samples", "8", "--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.json"),
-               "--plot", str(tmp_path / "t.png"), "--recipe", "a", flags + " --weighting_scheme none"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags += " --weighting_scheme none --stable_target_reference_size 256"
+    argv = ["time_to_fid.py", "--dataset_name", str(mnist_dir), "--eval_num_samples", "8", "--runs_dir",
+            str(tmp_path / "runs"), "--out", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png"),
+            "--recipe", "a", flags]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
     for _ in range(2):  # the second time, finished runs are collected as they are
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        time_to_fid.main()
     report = json.loads((tmp_path / "t.json").read_text())
     assert report["machine"]["matmul_tflops"]["fp32"] > 0 and "cpu_flags" in report["machine"]
     points = report["recipes"]["a"]["evaluations"]
