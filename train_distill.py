@@ -19,7 +19,6 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, LCMScheduler, UNet2DModel
 
 from pipeline import MNISTDiffusionPipeline
-from pipeline.data import looks_like_path
 from pipeline.loss import ConsistencyDistillationLoss, Discriminator
 from pipeline.pipeline_mnist_diffusion import consistency_timesteps
 from pipeline.sampling import load_pipeline
@@ -107,9 +106,7 @@ def load_teacher(
     """The student (a copy of the teacher's UNet), the frozen teacher pipeline (its UNet and guide, on `device`), and
     the student's `LCMScheduler` on the teacher's noise schedule; every setting that depends on the teacher checked."""
     name = args.pretrained_teacher_model
-    if looks_like_path(name) and not os.path.isdir(name):
-        raise FileNotFoundError(f"--pretrained_teacher_model {name}: no such folder.")
-    teacher = load_pipeline(name)
+    teacher = load_pipeline(name, flag="--pretrained_teacher_model")
     if teacher.conditioning != "none":
         raise ValueError(
             f"--pretrained_teacher_model {name} is {teacher.conditioning}-conditional; distillation takes "

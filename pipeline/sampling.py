@@ -8,10 +8,12 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 
+import huggingface_hub
 import numpy as np
 import torch
 from accelerate.utils import parse_flag_from_env
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler, SchedulerMixin
+from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -124,19 +126,28 @@ def sampling_precision(device: torch.device, precision: str = "auto") -> context
     return contextlib.nullcontext()
 
 
-def load_pipeline(model: str, scheduler: str | None = None) -> MNISTDiffusionPipeline:
-    """A saved pipeline from a folder or the Hub, on the GPU if there is one, with an optional sampler swapped in."""
+def load_pipeline(model: str, scheduler: str | None = None, flag: str = "--model") -> MNISTDiffusionPipeline:
+    """A saved pipeline from a folder or the Hub, on the GPU if there is one, with an optional sampler swapped in;
+    what cannot be loaded is one error naming the `flag` it came from and what to do."""
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ValueError(
-                f"{model} is not a saved pipeline (it has no model_index.json); train one with train_ddpm.py."
+                f"{flag} {model} is not a saved pipeline (it has no model_index.json); train one with train_ddpm.py."
             )
     elif looks_like_path(model):
-        raise FileNotFoundError(f"--model {model}: no such folder.")
+        raise FileNotFoundError(f"{flag} {model}: no such folder.")
+    elif huggingface_hub.constants.HF_HUB_OFFLINE and try_to_load_from_cache(model, "model_index.json") is None:
+        raise ValueError(
+            f"{flag} {model}: no such folder, and no cached copy of that Hub id while HF_HUB_OFFLINE is set: load it "
+            "once with the network on, or pass a local folder."
+        )
     try:
         pipe = MNISTDiffusionPipeline.from_pretrained(model)
-    except OSError as e:
-        raise ValueError(f"Could not load the pipeline {model!r}: {str(e).splitlines()[0]}") from e
+    except OSError as e:  # diffusers' own text points at a stack trace the user does not see
+        raise ValueError(
+            f"{flag} {model}: could not load it from the Hub ({str(e).splitlines()[0].split(' (')[0]}). Check the id "
+            "and the network, or pass a local folder."
+        ) from e
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     return pipe.to("cuda" if torch.cuda.is_available() else "cpu")

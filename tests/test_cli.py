@@ -203,6 +203,7 @@ def test_each_picture_is_a_valid_image(model_dir, mnist_dir, tmp_path, picture, 
     [
         (["sample", "--model", "{tmp}/missing/model", "--out", "{tmp}/g.png"], "no such folder"),
         (["sample", "--model", "{tmp}", "--out", "{tmp}/g.png"], "is not a saved pipeline"),
+        (["sample", "--model", "someone/nope", "--out", "{tmp}/g.png"], "no cached copy of that Hub id while HF_HUB"),
         (["sample", "--model", "{model}", "--out", "{tmp}/g.png", "--num_inference_steps", "80"], "between 1 and 50"),
         (["sample", "--model", "{model}", "--out", "{file}/g.png"], "Cannot write"),
         (["sample", "--model", "{model}", "--out", "{tmp}/grid"], "with an image extension, e.g. "),
@@ -310,3 +311,21 @@ def test_non_finite_digits_are_never_written_with_exit_0(model_dir, tmp_path):
     with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match="not finite numbers"):
         main(["sample", "--model", str(model_dir), "--num_images", "2", "--out", str(out)])
     assert "drew digits that are not finite numbers" in str(exit_info.value.code) and not out.exists()
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line_without_diffusers_advice(monkeypatch, tmp_path):
+    def unreachable(*args, **kwargs):
+        raise OSError(
+            "Cannot load model someone/ddpm: the model is not fully cached locally (outgoing traffic has been "
+            "disabled; pass 'local_files_only=False').\nPlease check out the root cause in the stacktrace above."
+        )
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # as on a machine without network
+    monkeypatch.setattr(MNISTDiffusionPipeline, "from_pretrained", unreachable)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--model", "someone/ddpm", "--out", str(tmp_path / "grid.png")])
+    message = str(exit_info.value.code)
+    assert message == (
+        "mnist-diffusion sample: error: --model someone/ddpm: could not load it from the Hub (Cannot load model "
+        "someone/ddpm: the model is not fully cached locally). Check the id and the network, or pass a local folder."
+    )

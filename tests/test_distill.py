@@ -113,7 +113,12 @@ def test_two_cpu_processes_distil_what_one_process_distils(mnist_dir, teacher, t
 def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher, tmp_path, capsys):
     out = tmp_path / "out"
     error = lambda *argv: cli_error(capsys, *argv, script=train_distill)  # noqa: E731
-    assert "--pretrained_teacher_model" in error(*distill_args(mnist_dir, tmp_path / "none", out))
+    assert f"--pretrained_teacher_model {tmp_path / 'none'}: no such folder" in error(
+        *distill_args(mnist_dir, tmp_path / "none", out)
+    )
+    assert "--pretrained_teacher_model someone/nope: no such folder, and no cached copy" in error(
+        *distill_args(mnist_dir, "someone/nope", out)
+    )
     message = error(*distill_args(mnist_dir, teacher, out, "--num_ddim_timesteps", "7"))
     assert "--num_ddim_timesteps must divide the teacher's 50 training steps, got 7" in message
     steps = error(*distill_args(mnist_dir, teacher, out, "--num_inference_steps", "100"))
