@@ -307,6 +307,65 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` can only hold {self._callback_tensor_inputs}.")
 
+    @staticmethod
+    def condition_lists(
+        batch_size: int | None,
+        class_labels: int | list[int] | torch.Tensor | np.ndarray | None,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+    ) -> tuple[int, list[int] | None, list[str] | None, list[str] | None]:
+        """The batch size, and the labels and prompts as lists of plain values, one per image (one given serves all)."""
+        if isinstance(class_labels, (torch.Tensor, np.ndarray, np.generic)):
+            class_labels = class_labels.tolist()
+        if isinstance(class_labels, (int, float)):
+            class_labels = [class_labels]
+        if class_labels is not None:
+            class_labels = [
+                label.item() if isinstance(label, (np.generic, torch.Tensor)) else label for label in class_labels
+            ]
+        prompt = [prompt] if isinstance(prompt, str) else prompt
+        negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        if batch_size is None:
+            batch_size = len(class_labels or prompt or [None])
+        class_labels, prompt, negative_prompt = (
+            values * batch_size if values is not None and len(values) == 1 else values
+            for values in (class_labels, prompt, negative_prompt)
+        )
+        return batch_size, class_labels, prompt, negative_prompt
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """The starting noise, float32 on `device`: drawn from `generator`, or the `latents` given, checked."""
+        shape = (batch_size, self.unet.config.in_channels, *sample_shape(self.unet.config))
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if latents.shape != shape:
+            raise ValueError(
+                f"`latents` must have shape {shape} for batch_size={batch_size}, got {tuple(latents.shape)}."
+            )
+        return latents.to(device=device, dtype=torch.float32)
+
+    def postprocess(self, latents: torch.Tensor, output_type: str) -> Any:
+        """The sampler's final state as `output_type` asks, with a warning if it is not finite."""
+        if not torch.isfinite(latents).all():
+            warnings.warn(
+                "Sampling produced values that are not finite numbers (NaN or inf), so the digits are not usable: the "
+                "UNet's or the guide's weights hold them, or the guidance overflowed. Check the model folder.",
+                stacklevel=3,
+            )
+        if output_type == "latent":
+            return latents
+        image = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return image
+        image = image.cpu().permute(0, 2, 3, 1).numpy()
+        return self.numpy_to_pil(image) if output_type == "pil" else image
+
     @torch.no_grad()
     def __call__(
         self,
@@ -361,22 +420,8 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if num_inference_steps is None:
             num_inference_steps = len(timesteps) if timesteps is not None else self.default_num_inference_steps
-        if isinstance(class_labels, (torch.Tensor, np.ndarray, np.generic)):
-            class_labels = class_labels.tolist()
-        if isinstance(class_labels, (int, float)):
-            class_labels = [class_labels]
-        if class_labels is not None:
-            class_labels = [
-                label.item() if isinstance(label, (np.generic, torch.Tensor)) else label for label in class_labels
-            ]
-        prompt = [prompt] if isinstance(prompt, str) else prompt
-        negative_prompt = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-        if batch_size is None:
-            batch_size = len(class_labels or prompt or [None])
-        # One label or prompt serves the whole batch.
-        class_labels, prompt, negative_prompt = (
-            values * batch_size if values is not None and len(values) == 1 else values
-            for values in (class_labels, prompt, negative_prompt)
+        batch_size, class_labels, prompt, negative_prompt = self.condition_lists(
+            batch_size, class_labels, prompt, negative_prompt
         )
         if noise_scale is None:
             noise_scale = self.default_noise_scale
@@ -386,15 +431,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         )  # fmt: skip
 
         device = self._execution_device
-        shape = (batch_size, self.unet.config.in_channels, *sample_shape(self.unet.config))
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif latents.shape != shape:
-            raise ValueError(
-                f"`latents` must have shape {shape} for batch_size={batch_size}, got {tuple(latents.shape)}."
-            )
-        else:
-            latents = latents.to(device=device, dtype=torch.float32)
+        latents = self.prepare_latents(batch_size, generator, latents, device)
         condition, no_condition = self.prepare_conditions(batch_size, class_labels, prompt, negative_prompt, device)
         autoguide = self.guide_unet is not None and guidance_scale != 1
         cfg = not autoguide and no_condition is not None and guidance_scale != 1
@@ -441,20 +478,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 outputs = outputs or {}
                 latents = outputs.get("latents", outputs.get("image", latents))
 
-        if not torch.isfinite(latents).all():
-            warnings.warn(
-                "Sampling produced values that are not finite numbers (NaN or inf), so the digits are not usable: the "
-                "UNet's or the guide's weights hold them, or the guidance overflowed. Check the model folder.",
-                stacklevel=2,
-            )
-        if output_type == "latent":
-            image = latents
-        else:
-            image = (latents / 2 + 0.5).clamp(0, 1)
-            if output_type != "pt":
-                image = image.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    image = self.numpy_to_pil(image)
+        image = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
 
         if not return_dict:

@@ -535,35 +535,42 @@ def train_loop(
                         )  # fmt: skip
                     accelerator.wait_for_everyone()
         progress_bar.close()
-        minutes = run.clock.minutes()
-        resumed_here = run.resume_path is not None and checkpoint_step(run.resume_path) == global_step
-        if global_step % args.checkpointing_steps and not resumed_here:  # a stop during the outputs loses no step
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-        try:
-            stop.raise_from_now_on()
-            if accelerator.is_main_process:
-                epoch = math.ceil(global_step / run.steps_per_epoch)
-                record = {"step": global_step, "epoch": epoch, "train_minutes": minutes}
-                save_outputs(
-                    run, pipeline, ema_model, record, save_images=True, save_model=True, score=True, push=True
-                )
-                accelerator.print(
-                    f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of "
-                    "training)."
-                )
-        except Stopped as e:
-            accelerator.print(
-                f"Stopped by {e} while writing the end-of-run outputs; checkpoint-{global_step} holds all "
-                f"{global_step} steps. The same command plus --resume_from_checkpoint latest writes them."
-            )
-            accelerator.end_training()
-            raise SystemExit(128 + e.signum) from None
-        accelerator.end_training()
+        finish_run(run, pipeline, ema_model, stop, global_step)
     finally:  # let other runs write to the folder, and signals act as usual, whether this run ended or failed
         if run.lock is not None:
             run.lock.release()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def finish_run(
+    run: Run, pipeline: MNISTDiffusionPipeline, ema_model: EMAModel | None, stop: "StopSignals", global_step: int
+) -> None:
+    """The end of a run: checkpoint the last step, then write the sample grid, scores, pipeline and upload, stopping
+    at once on a signal (the checkpoint already holds every step)."""
+    args, accelerator = run.args, run.accelerator
+    minutes = run.clock.minutes()
+    resumed_here = run.resume_path is not None and checkpoint_step(run.resume_path) == global_step
+    if global_step % args.checkpointing_steps and not resumed_here:  # a stop during the outputs loses no step
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+    try:
+        stop.raise_from_now_on()
+        if accelerator.is_main_process:
+            epoch = math.ceil(global_step / run.steps_per_epoch)
+            record = {"step": global_step, "epoch": epoch, "train_minutes": minutes}
+            save_outputs(run, pipeline, ema_model, record, save_images=True, save_model=True, score=True, push=True)
+            accelerator.print(
+                f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of "
+                "training)."
+            )
+    except Stopped as e:
+        accelerator.print(
+            f"Stopped by {e} while writing the end-of-run outputs; checkpoint-{global_step} holds all "
+            f"{global_step} steps. The same command plus --resume_from_checkpoint latest writes them."
+        )
+        accelerator.end_training()
+        raise SystemExit(128 + e.signum) from None
+    accelerator.end_training()
 
 
 def cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, script: str) -> None:
