@@ -26,8 +26,8 @@ from pipeline.sampling import (  # noqa: E402
     default_sampler,
     generate_batches,
     load_pipeline,
-    make_scheduler,
     sampling_precision,
+    with_sampler,
 )
 from pipeline.visualize import latents_to_uint8  # noqa: E402
 
@@ -106,11 +106,7 @@ def build_demo(models: list[str]) -> gr.Blocks:
         check_request(pipe, name, digit, prompt, num_images, steps, guidance_scale, seed)
         num_images, steps, seed = int(num_images), int(steps), int(seed)
         # A pipeline of its own per request: the loaded one's scheduler is never swapped under another request.
-        pipe = MNISTDiffusionPipeline(
-            **{**pipe.components, "scheduler": make_scheduler(scheduler, pipe.scheduler.config)},
-            guidance_interval=pipe.config.get("guidance_interval"),
-            noise_scale=pipe.config.get("noise_scale"),
-        )
+        pipe = with_sampler(pipe, scheduler)
         # Evenly spaced steps, the first and the last included: every step of a few-step model.
         frames_shown = min(steps, PROCESS_FRAMES)
         shown = sorted({round(i * (steps - 1) / max(frames_shown - 1, 1)) for i in range(frames_shown)})

@@ -8,12 +8,11 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 
-import huggingface_hub
 import numpy as np
 import torch
 from accelerate.utils import parse_flag_from_env
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler, SchedulerMixin
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import constants, try_to_load_from_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -62,10 +61,9 @@ def default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[str, int]:
     return DEFAULT_SAMPLER
 
 
-def with_default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[MNISTDiffusionPipeline, str, int]:
-    """The pipeline (its components shared) with its default sampler swapped in, the sampler's name and its steps:
-    how `mnist-diffusion` samples, scores and draws pictures of a model unless told otherwise."""
-    name, steps = default_sampler(pipe)
+def with_sampler(pipe: MNISTDiffusionPipeline, name: str) -> MNISTDiffusionPipeline:
+    """A pipeline of its own (the components shared, the sampling settings kept) sampling with one of SCHEDULERS, so
+    that swapping the sampler never touches `pipe`."""
     sampler = MNISTDiffusionPipeline(
         **{**pipe.components, "scheduler": make_scheduler(name, pipe.scheduler.config)},
         default_num_inference_steps=pipe.config.get("default_num_inference_steps"),
@@ -73,7 +71,14 @@ def with_default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[MNISTDiffusionPi
         noise_scale=pipe.config.get("noise_scale"),
     )
     sampler.set_progress_bar_config(disable=True)
-    return sampler, name, steps
+    return sampler
+
+
+def with_default_sampler(pipe: MNISTDiffusionPipeline) -> tuple[MNISTDiffusionPipeline, str, int]:
+    """`with_sampler` for the model's default sampler, its name and its steps: how `mnist-diffusion` samples, scores
+    and draws pictures of a model unless told otherwise."""
+    name, steps = default_sampler(pipe)
+    return with_sampler(pipe, name), name, steps
 
 
 def sampler_settings(pipe: MNISTDiffusionPipeline, scheduler: str | None, steps: int | None) -> tuple[str, int]:
@@ -136,7 +141,7 @@ def load_pipeline(model: str, scheduler: str | None = None, flag: str = "--model
             )
     elif looks_like_path(model):
         raise FileNotFoundError(f"{flag} {model}: no such folder.")
-    elif huggingface_hub.constants.HF_HUB_OFFLINE and try_to_load_from_cache(model, "model_index.json") is None:
+    elif constants.HF_HUB_OFFLINE and try_to_load_from_cache(model, "model_index.json") is None:
         raise ValueError(
             f"{flag} {model}: no such folder, and no cached copy of that Hub id while HF_HUB_OFFLINE is set: load it "
             "once with the network on, or pass a local folder."
