@@ -26,6 +26,7 @@ from pipeline.training import (
     add_output_arguments,
     add_training_arguments,
     check_arguments,
+    check_ranges,
     cli,
     ema_weights,
     load_ema,
@@ -119,10 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "--pretrained_teacher_model).")  # fmt: skip
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    if args.stable_target_reference_size < 0:
-        parser.error(f"--stable_target_reference_size must be 0 or positive, got {args.stable_target_reference_size}.")
-    if not 0 <= args.condition_dropout < 1:
-        parser.error(f"--condition_dropout must be in [0, 1), got {args.condition_dropout}.")
+    check_ranges(parser, args, non_negative=("stable_target_reference_size",), below_one=("condition_dropout",))
     if args.autoguidance_fraction is None:
         args.autoguidance_fraction = 0.2 if args.conditioning == "none" else 0.0
     if not 0 <= args.autoguidance_fraction < 1:

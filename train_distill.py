@@ -27,6 +27,7 @@ from pipeline.training import (
     add_output_arguments,
     add_training_arguments,
     check_arguments,
+    check_ranges,
     cli,
     load_ema,
     make_accelerator,
@@ -87,16 +88,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     check_arguments(parser, args)
-    if args.num_inference_steps < 1:
-        parser.error(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}.")
+    if args.num_inference_steps < 1 or args.num_ddim_timesteps < 1:
+        parser.error(
+            f"--num_inference_steps and --num_ddim_timesteps must be at least 1, got {args.num_inference_steps} and {args.num_ddim_timesteps}."
+        )
     if not args.guidance_scale >= 1:
         parser.error(f"--guidance_scale must be at least 1 (1: no guidance), got {args.guidance_scale}.")
-    if not args.adversarial_weight >= 0:
-        parser.error(f"--adversarial_weight must be 0 or positive, got {args.adversarial_weight}.")
-    if not args.discriminator_learning_rate > 0:
-        parser.error(f"--discriminator_learning_rate must be positive, got {args.discriminator_learning_rate}.")
-    if not 0 <= args.ema_decay < 1:
-        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}.")
+    check_ranges(
+        parser, args, positive=("huber_c", "timestep_scaling_factor", "discriminator_learning_rate"),
+        non_negative=("adversarial_weight",), below_one=("ema_decay",),
+    )  # fmt: skip
     return args
 
 

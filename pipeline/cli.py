@@ -5,6 +5,7 @@ import ast
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import zipfile
@@ -460,7 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input ends with one line naming the problem, not a traceback."""
     args = build_parser().parse_args(argv)
+    # A scheduler's SIGTERM keeps the digits done, as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"mnist-diffusion {args.command}: error: {e}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -52,7 +52,7 @@ def _open_dataset(
     except ValueError as e:  # e.g. 'Instruction "train" corresponds to no data!' for an empty dataset
         raise ValueError(f"Could not load dataset {name!r}: {e}") from e
     if split not in dataset:
-        raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(dataset)}. Use --split.")
+        raise ValueError(f"Dataset {name!r} has no split {split!r}; it has {sorted(dataset)}.")
     return dataset[split]
 
 

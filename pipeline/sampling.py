@@ -146,12 +146,18 @@ def load_pipeline(model: str, scheduler: str | None = None, flag: str = "--model
             f"{flag} {model}: no such folder, and no cached copy of that Hub id while HF_HUB_OFFLINE is set: load it "
             "once with the network on, or pass a local folder."
         )
-    try:
-        pipe = MNISTDiffusionPipeline.from_pretrained(model)
-    except OSError as e:  # diffusers' own text points at a stack trace the user does not see
+    try:  # safetensors only: a folder without them must not fall back to unpickling .bin files
+        pipe = MNISTDiffusionPipeline.from_pretrained(model, use_safetensors=True)
+    except (OSError, ValueError) as e:  # diffusers' own text points at a stack trace the user does not see
+        cause = str(e).splitlines()[0].split(" (")[0].split(". If you want")[0]
+        if os.path.isdir(model):
+            raise ValueError(
+                f"{flag} {model}: a part of the saved pipeline is missing or damaged ({cause}). Copy or download the "
+                "folder again, or train it again."
+            ) from e
         raise ValueError(
-            f"{flag} {model}: could not load it from the Hub ({str(e).splitlines()[0].split(' (')[0]}). Check the id "
-            "and the network, or pass a local folder."
+            f"{flag} {model}: could not load it from the Hub ({cause}). Check the id and the network, or pass a "
+            "local folder."
         ) from e
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)

@@ -144,8 +144,46 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(
             f"--eval_num_samples must be at least {MIN_SAMPLES} (scoring needs them), got {args.eval_num_samples}."
         )
-    if not args.learning_rate > 0:
-        parser.error(f"--learning_rate must be positive, got {args.learning_rate}.")
+    check_ranges(
+        parser, args, positive=("learning_rate", "adam_epsilon", "max_grad_norm", "ema_inv_gamma", "ema_power"),
+        non_negative=("adam_weight_decay", "lr_warmup_steps", "dataloader_num_workers"),
+        below_one=("adam_beta1", "adam_beta2", "ema_max_decay"),
+    )  # fmt: skip
+    output_dir = args.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        parser.error(f"--output_dir {output_dir} is a file; give a folder.")
+    # Tried now, not after the data is loaded; also the logs' folder, which may be an absolute path elsewhere. What
+    # the trial creates is removed again: bad input writes nothing.
+    folder, created = os.path.abspath(os.path.join(output_dir, args.logging_dir)), []
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(os.path.join(output_dir, args.logging_dir), exist_ok=True)
+    except OSError as e:
+        parser.error(f"Cannot create --output_dir {output_dir} or its --logging_dir {args.logging_dir}: {e.strerror}.")
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def check_ranges(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    below_one: tuple[str, ...] = (),
+) -> None:
+    """Refuse numeric options outside their range, NaN included, naming the flag."""
+    for names, holds, wanted in (
+        (positive, lambda v: v > 0, "positive"),
+        (non_negative, lambda v: v >= 0, "0 or more"),
+        (below_one, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ):
+        for name in names:
+            if not holds(getattr(args, name)):
+                parser.error(f"--{name} must be {wanted}, got {getattr(args, name)}.")
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -505,13 +543,27 @@ def train_loop(
                 torch.stack([loss_sum, torch.tensor(float(len(stop.received)), device=device)]), reduction="sum"
             ).tolist()
             logs = {"loss": loss_sum / accelerator.num_processes, "lr": lr_scheduler.get_last_lr()[0]}
-            save_now = global_step % args.checkpointing_steps == 0 or stops
-            check_finite(run, model, global_step, logs["loss"], save_now)
+            epoch, epoch_end = global_step // run.steps_per_epoch, global_step % run.steps_per_epoch == 0
+            epoch_end = epoch_end and global_step < run.max_train_steps and not stops
+            saving = global_step % args.checkpointing_steps == 0 or stops or epoch_end
+            check_finite(run, model, global_step, logs["loss"], saving)
             if ema_model is not None:
                 logs["ema_decay"] = ema_model.cur_decay_value
             progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             accelerator.log(logs, step=global_step)
-            if save_now:
+            if epoch_end:
+                with run.clock.paused():
+                    if accelerator.is_main_process:
+                        with stop.interrupting():  # minutes of sampling must not keep a preempted run waiting
+                            record = {"step": global_step, "epoch": epoch, "train_minutes": run.clock.minutes()}
+                            save_outputs(
+                                run, pipeline, ema_model, record, save_images=epoch % args.save_images_epochs == 0,
+                                save_model=epoch % args.save_model_epochs == 0,
+                                score=bool(args.eval_epochs) and epoch % args.eval_epochs == 0,
+                            )  # fmt: skip
+                    # Also waits for the main process: whether any process was stopped meanwhile.
+                    stops = accelerator.reduce(torch.tensor(float(len(stop.received)), device=device), "sum").item()
+            if global_step % args.checkpointing_steps == 0 or stops:
                 path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
                 logger.info(f"Saved {path}", main_process_only=True)
             if stops:
@@ -523,17 +575,6 @@ def train_loop(
                 )
                 accelerator.end_training()
                 raise SystemExit(128 + signum)
-            if global_step % run.steps_per_epoch == 0 and global_step < run.max_train_steps:
-                epoch = global_step // run.steps_per_epoch
-                with run.clock.paused():
-                    if accelerator.is_main_process:
-                        record = {"step": global_step, "epoch": epoch, "train_minutes": run.clock.minutes()}
-                        save_outputs(
-                            run, pipeline, ema_model, record, save_images=epoch % args.save_images_epochs == 0,
-                            save_model=epoch % args.save_model_epochs == 0,
-                            score=bool(args.eval_epochs) and epoch % args.eval_epochs == 0,
-                        )  # fmt: skip
-                    accelerator.wait_for_everyone()
         progress_bar.close()
         finish_run(run, pipeline, ema_model, stop, global_step)
     finally:  # let other runs write to the folder, and signals act as usual, whether this run ended or failed
@@ -553,9 +594,8 @@ def finish_run(
     resumed_here = run.resume_path is not None and checkpoint_step(run.resume_path) == global_step
     if global_step % args.checkpointing_steps and not resumed_here:  # a stop during the outputs loses no step
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-    try:
-        stop.raise_from_now_on()
-        if accelerator.is_main_process:
+    with stop.interrupting():  # the weights are safe: a signal stops the outputs at once
+        if accelerator.is_main_process and not stop.received:
             epoch = math.ceil(global_step / run.steps_per_epoch)
             record = {"step": global_step, "epoch": epoch, "train_minutes": minutes}
             save_outputs(run, pipeline, ema_model, record, save_images=True, save_model=True, score=True, push=True)
@@ -563,21 +603,26 @@ def finish_run(
                 f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of "
                 "training)."
             )
-    except Stopped as e:
-        accelerator.print(
-            f"Stopped by {e} while writing the end-of-run outputs; checkpoint-{global_step} holds all "
-            f"{global_step} steps. The same command plus --resume_from_checkpoint latest writes them."
-        )
-        accelerator.end_training()
-        raise SystemExit(128 + e.signum) from None
     accelerator.end_training()
+    if stop.received:
+        accelerator.print(
+            f"Stopped by {signal.Signals(stop.received[0]).name} while writing the end-of-run outputs; "
+            f"checkpoint-{global_step} holds all {global_step} steps. The same command plus "
+            "--resume_from_checkpoint latest writes them."
+        )
+        raise SystemExit(128 + stop.received[0])
 
 
 def cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, script: str) -> None:
     """Run a training script's `main`: bad input ends with one line naming the problem, not a traceback."""
+    signal.signal(signal.SIGTERM, raise_stopped)  # until the training loop takes the signals over
+    signal.signal(signal.SIGINT, raise_stopped)
     try:
         main(args)
         return
+    except Stopped as e:
+        print(f"Stopped by {e} before the first step of training; nothing was lost. Run the same command to start.")
+        sys.exit(128 + e.signum)
     except (ValueError, OSError, FloatingPointError) as e:
         message = f"{script}: error: {e}"
     except RuntimeError as e:  # a collective failed: another process of the job died
@@ -588,6 +633,9 @@ def cli(main: Callable[[argparse.Namespace], None], args: argparse.Namespace, sc
             f"({str(e).splitlines()[0][-160:]}): another process or machine failed, and its own log says which. "
             "Start the job again with --resume_from_checkpoint latest."
         )
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(message)  # outside the handler, so that nothing keeps the failed run (and its output-dir lock) alive
 
 
@@ -646,11 +694,16 @@ def ema_weights(model: torch.nn.Module, ema_model: EMAModel | None) -> Iterator[
 
 
 class Stopped(Exception):
-    """A stop signal that interrupts the end-of-run outputs."""
+    """A stop signal that interrupts work that holds no training: start-up, sample grids, scores, saving outputs."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def raise_stopped(signum: int, frame: object) -> None:
+    """A signal handler that interrupts what runs, as `Stopped`."""
+    raise Stopped(signum)
 
 
 class StopSignals:
@@ -668,16 +721,19 @@ class StopSignals:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def raise_from_now_on(self) -> None:
-        """From here on a signal interrupts what runs, as `Stopped` (once the weights are safe in a checkpoint)."""
-        if self.received:
-            raise Stopped(self.received[0])
-
-        def stop(signum: int, frame: object) -> None:
-            raise Stopped(signum)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+    @contextlib.contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """Inside, a signal interrupts what runs at once, and is recorded (for work that holds no training, such as
+        sample grids and scores: the run then checkpoints and stops)."""
+        signal.signal(signal.SIGTERM, raise_stopped)
+        signal.signal(signal.SIGINT, raise_stopped)
+        try:
+            yield
+        except Stopped as e:
+            self.received.append(e.signum)
+        finally:  # after a signal, a second one acts at once, the default way
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.received else self._record)
+            signal.signal(signal.SIGINT, signal.default_int_handler if self.received else self._record)
 
 
 class TrainingClock:

@@ -1,6 +1,10 @@
 """`mnist-diffusion`: sampling and the pictures, on a tiny saved pipeline."""
 
+import itertools
 import json
+import os
+import signal
+import time
 import warnings
 
 import numpy as np
@@ -259,12 +263,19 @@ def test_non_positive_counts_are_rejected_by_the_parser(argv, capsys):
 def test_interrupted_sampling_writes_the_digits_done(model_dir, tmp_path, monkeypatch, capsys):
     import pipeline.cli as cli
 
-    def two_batches_then_ctrl_c(*args, **kwargs):
+    def two_batches_then_sigterm(*args, **kwargs):  # a scheduler's SIGTERM keeps the digits done, as Ctrl-C does
         yield np.zeros((2, 28, 28), np.uint8)
         yield np.ones((2, 28, 28), np.uint8)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was ignored")
+
+    def two_batches_then_ctrl_c(*args, **kwargs):
+        yield from itertools.islice(two_batches_then_sigterm(), 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "generate_batches", two_batches_then_ctrl_c)
+    monkeypatch.setattr(cli, "generate_batches", two_batches_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
     npz = tmp_path / "digits.npz"
     main(
         [
@@ -281,6 +292,8 @@ def test_interrupted_sampling_writes_the_digits_done(model_dir, tmp_path, monkey
     )
     assert "writing the 4 digits done" in capsys.readouterr().out
     assert np.load(npz)["images"].shape == (4, 28, 28) and (tmp_path / "g.png").is_file()
+    assert signal.getsignal(signal.SIGTERM) is handler  # and only while it samples
+    monkeypatch.setattr(cli, "generate_batches", two_batches_then_ctrl_c)
     # Ctrl-C in evaluate scores the digits done, if there are enough; else one line, nothing written.
     monkeypatch.setattr("pipeline.evaluate.reference_features", lambda *a: np.random.default_rng(0).random((64, 128)))
     out = tmp_path / "eval.json"

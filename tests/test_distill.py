@@ -119,6 +119,12 @@ def test_bad_distillation_input_is_one_line(mnist_dir, tiny_unet_config, teacher
     assert "--pretrained_teacher_model someone/nope: no such folder, and no cached copy" in error(
         *distill_args(mnist_dir, "someone/nope", out)
     )
+    for flag, value, message in (  # was a ZeroDivisionError, or trained with a loss or boundary that means nothing
+        ("--num_ddim_timesteps", "0", "--num_ddim_timesteps must be at least 1"),
+        ("--huber_c", "-1", "--huber_c must be positive"),
+        ("--timestep_scaling_factor", "nan", "--timestep_scaling_factor must be positive"),
+    ):
+        assert message in error(*distill_args(mnist_dir, teacher, out, flag, value)), flag
     message = error(*distill_args(mnist_dir, teacher, out, "--num_ddim_timesteps", "7"))
     assert "--num_ddim_timesteps must divide the teacher's 50 training steps, got 7" in message
     steps = error(*distill_args(mnist_dir, teacher, out, "--num_inference_steps", "100"))

@@ -18,7 +18,9 @@ from accelerate.state import AcceleratorState
 from conftest import ROOT, assert_same_weights, base_args, cli_error, distill, train
 from safetensors.torch import load_file, save_file
 
+import train_ddpm
 from pipeline.checkpoint import check_resume_settings, find_checkpoint, setting_changes
+from pipeline.training import cli
 
 FINAL = ("unet/diffusion_pytorch_model.safetensors",)
 
@@ -176,15 +178,39 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_truncated_pipeline_weights_are_named(tiny_pipeline, tmp_path):
-    tiny_pipeline.save_pretrained(tmp_path / "model")
-    weights = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:500])
+def test_every_part_of_a_model_folder_missing_or_damaged_is_one_line(tiny_pipeline, tmp_path, capsys):
     from pipeline.cli import main
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sample", "--model", str(tmp_path / "model"), "--out", str(tmp_path / "g.png")])
-    assert "diffusion_pytorch_model.safetensors" in str(exit_info.value.code)
+    tiny_pipeline.save_pretrained(tmp_path / "saved")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+
+    def truncate(folder):
+        (folder / weights).write_bytes((folder / weights).read_bytes()[:500])
+
+    def only_pickled_weights(folder):  # never unpickled: a .bin may run code
+        (folder / weights).rename(folder / "unet" / "diffusion_pytorch_model.bin")
+
+    def config_of_another_model(folder):
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 3}))
+
+    for i, (damage, named) in enumerate(
+        (
+            (truncate, "diffusion_pytorch_model.safetensors"),
+            (only_pickled_weights, "diffusion_pytorch_model.safetensors"),
+            (lambda folder: (folder / "scheduler" / "scheduler_config.json").unlink(), "scheduler_config.json"),
+            (lambda folder: (folder / "unet" / "config.json").write_text("{not json"), "config.json"),
+            (config_of_another_model, "conv_in.weight"),
+        )
+    ):
+        folder = tmp_path / f"damaged{i}"
+        shutil.copytree(tmp_path / "saved", folder)
+        damage(folder)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["sample", "--model", str(folder), "--out", str(tmp_path / "g.png")])
+        message = str(exit_info.value.code)
+        assert "missing or damaged" in message and named in message and "Hub" not in message, message
+        assert "unsafe" not in capsys.readouterr().err and not (tmp_path / "g.png").exists()
 
 
 @pytest.mark.slow
@@ -354,29 +380,45 @@ def test_a_distillation_checkpoint_from_before_the_split_resumes_to_the_same_wei
 
 
 @pytest.mark.slow
-def test_sigterm_while_writing_the_end_of_run_outputs_stops_at_once_and_loses_no_step(
+def test_sigterm_in_every_phase_of_a_run_stops_at_once_and_loses_no_step(
     mnist_dir, tiny_unet_config, tmp_path, monkeypatch, capsys
 ):
     from pipeline import training
 
-    flags = ["--max_train_steps", "5", "--checkpointing_steps", "3", "--save_images_epochs", "100"]
+    # 2 steps an epoch: the sample grids and scores of epochs 1 and 2 come before the end of the run at step 5.
+    flags = ["--max_train_samples", "32", "--max_train_steps", "5", "--checkpointing_steps", "3"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(*base_args(mnist_dir, tiny_unet_config, straight, *flags))
-    save_outputs = training.save_outputs
+    save_outputs, load_data = training.save_outputs, training.load_data
 
-    def preempted(*args, **kwargs):  # the scheduler's SIGTERM lands while the final pictures are drawn
+    def preempted(*args, **kwargs):  # the scheduler's SIGTERM lands while this runs
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError("the stop signal was ignored")
 
-    monkeypatch.setattr(training, "save_outputs", preempted)
-    with pytest.raises(SystemExit) as exit_info:
-        train(*base_args(mnist_dir, tiny_unet_config, stopped, *flags))
-    assert exit_info.value.code == 128 + signal.SIGTERM
-    assert (
-        "Stopped by SIGTERM while writing the end-of-run outputs; checkpoint-5 holds all 5 steps"
-        in capsys.readouterr().out
-    )
+    def preempted_at_step(step):
+        def outputs(run, pipeline, ema_model, record, *args, **kwargs):
+            if record["step"] == step:
+                preempted()
+            save_outputs(run, pipeline, ema_model, record, *args, **kwargs)
+
+        return outputs
+
+    def run(*extra):
+        args = train_ddpm.parse_args(base_args(mnist_dir, tiny_unet_config, stopped, *flags, *extra))
+        with pytest.raises(SystemExit) as exit_info:
+            cli(train_ddpm.main, args, "train_ddpm.py")
+        assert exit_info.value.code == 128 + signal.SIGTERM
+        return capsys.readouterr().out
+
+    monkeypatch.setattr(training, "load_data", preempted)  # start-up: nothing to lose, one line, not a traceback
+    assert "Stopped by SIGTERM before the first step of training; nothing was lost" in run()
+    monkeypatch.setattr(training, "load_data", load_data)
+    monkeypatch.setattr(training, "save_outputs", preempted_at_step(2))  # an epoch's grid and scores: no waiting
+    assert f"Stopped by SIGTERM at step 2; saved {stopped / 'checkpoint-2'}" in run()
+    monkeypatch.setattr(training, "save_outputs", preempted_at_step(5))  # the end of the run
+    out = run("--resume_from_checkpoint", "latest")
+    assert "Stopped by SIGTERM while writing the end-of-run outputs; checkpoint-5 holds all 5 steps" in out
     assert not (stopped / "model_index.json").exists()
     monkeypatch.setattr(training, "save_outputs", save_outputs)
     train(*base_args(mnist_dir, tiny_unet_config, stopped, *flags, "--resume_from_checkpoint", "latest"))

@@ -221,7 +221,7 @@ def test_stable_targets_resume_exactly_keep_to_the_label_and_are_refused_where_t
         args = ["--dataset_name", str(mnist_dir), "--output_dir", str(tmp_path / "x"), *extra]
         assert train_ddpm.parse_args(args).stable_target_reference_size == 16384
         message = cli_error(capsys, *args, "--stable_target_reference_size", "-1")
-        assert "--stable_target_reference_size must be 0 or positive" in message
+        assert "--stable_target_reference_size must be 0 or more" in message
 
 
 def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path, capsys):
@@ -234,6 +234,18 @@ def test_bad_input_fails_early_and_clearly(mnist_dir, tiny_unet_config, tmp_path
     assert "fewer than one global batch" in cli_error(capsys, *args("a", "--train_batch_size", "512"))
     missing = cli_error(capsys, *args("a", "--resume_from_checkpoint", str(tmp_path / "checkpoint-7")))
     assert "is not a checkpoint-N folder" in missing
+    for flag, value, message in (  # checked with the options, not once the data is loaded or after training
+        ("--adam_beta1", "1.5", "--adam_beta1 must be in [0, 1), got 1.5"),
+        ("--max_grad_norm", "nan", "--max_grad_norm must be positive, got nan"),  # was "diverged: lower the LR"
+        ("--ema_power", "nan", "--ema_power must be positive"),  # was non-finite digits after training
+        ("--ema_max_decay", "2", "--ema_max_decay must be in [0, 1)"),
+        ("--lr_warmup_steps", "-5", "--lr_warmup_steps must be 0 or more"),
+        ("--dataloader_num_workers", "-1", "--dataloader_num_workers must be 0 or more"),
+        ("--logging_dir", "/proc/logs", "Cannot create --output_dir"),
+    ):
+        assert message in cli_error(capsys, *args("a", flag, value)), flag
+    (tmp_path / "file").write_text("")
+    assert "is a file; give a folder" in cli_error(capsys, *base_args(mnist_dir, tiny_unet_config, tmp_path / "file"))
     assert not (tmp_path / "a").exists()  # nothing was written by any of these
 
 
