@@ -13,6 +13,7 @@ import argparse
 import copy
 import os
 import sys
+from functools import partial
 
 import torch
 from accelerate.utils import set_seed
@@ -32,6 +33,7 @@ from pipeline.training import (
     load_ema,
     make_accelerator,
     make_optimization,
+    save_outputs,
     save_run_state,
     seed_for,
     start_run,
@@ -223,7 +225,8 @@ def main(args: argparse.Namespace) -> None:
                 guide = copy.deepcopy(unwrapped).requires_grad_(False).eval()
             pipeline.register_modules(guide_unet=guide)
 
-    train_loop(run, model, optimizer, lr_scheduler, ema_model, pipeline, step_loss, after_update)
+    train_loop(run, model, optimizer, lr_scheduler, ema_model, step_loss, partial(save_outputs, run, pipeline, ema_model),
+               after_update)  # fmt: skip
 
 
 if __name__ == "__main__":

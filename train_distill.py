@@ -13,6 +13,7 @@ with an `LCMScheduler` that samples in `--num_inference_steps` by default. Each 
 import argparse
 import copy
 import os
+from functools import partial
 
 import torch
 from accelerate.utils import set_seed
@@ -32,6 +33,7 @@ from pipeline.training import (
     load_ema,
     make_accelerator,
     make_optimization,
+    save_outputs,
     save_run_state,
     seed_for,
     start_run,
@@ -209,7 +211,8 @@ def main(args: argparse.Namespace) -> None:
     def after_update(step: int) -> None:
         torch._foreach_lerp_(list(target.parameters()), list(model.parameters()), 1 - args.ema_decay)
 
-    train_loop(run, model, optimizer, lr_scheduler, ema_model, pipeline, step_loss, after_update, others,
+    train_loop(run, model, optimizer, lr_scheduler, ema_model, step_loss, partial(save_outputs, run, pipeline, ema_model),
+               after_update, others,
                project_name="train_distill")  # fmt: skip
 
 

@@ -69,8 +69,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Processes that decode the dataset.")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser, learning_rate: float, output_dir: str) -> None:
-    """The optimisation options: batch, schedule, AdamW, EMA of the weights, precision."""
+def add_training_arguments(
+    parser: argparse.ArgumentParser, learning_rate: float, output_dir: str, generates: bool = True
+) -> None:
+    """The optimisation options: batch, schedule, AdamW, EMA of the weights (of models that generate), precision."""
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=output_dir, help="Where the pipeline, checkpoints and logs go.")
     train.add_argument("--seed", type=int, default=0, help="Seeds the weights, the data order and the noise.")
@@ -80,7 +82,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, learning_rate: float
         default=64,  # twice the updates of 128 for the same images and minutes: better at equal time (docs/recipe.md)
         help="Batch size per device.",
     )
-    train.add_argument("--eval_batch_size", type=int, default=64, help="Digits in each saved sample grid.")
+    if generates:
+        train.add_argument("--eval_batch_size", type=int, default=64, help="Digits in each saved sample grid.")
     train.add_argument("--num_epochs", type=int, default=5, help="Passes over the data.")
     train.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer steps; overrides epochs.")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -96,10 +99,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, learning_rate: float
     train.add_argument("--adam_weight_decay", type=float, default=0.0)
     train.add_argument("--adam_epsilon", type=float, default=1e-8)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
-    train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
-    train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
-    train.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
-    train.add_argument("--ema_max_decay", type=float, default=0.9999, help="Largest EMA decay.")
+    if generates:
+        train.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Save EMA weights.")
+        train.add_argument("--ema_inv_gamma", type=float, default=1.0, help="Inverse gamma of the EMA warmup.")
+        train.add_argument("--ema_power", type=float, default=3 / 4, help="Power of the EMA warmup.")
+        train.add_argument("--ema_max_decay", type=float, default=0.9999, help="Largest EMA decay.")
     train.add_argument(
         "--mixed_precision",
         default=None,
@@ -108,17 +112,21 @@ def add_training_arguments(parser: argparse.ArgumentParser, learning_rate: float
     )
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """Logging, sample grids, evaluation, checkpoints and the Hub."""
+def add_output_arguments(parser: argparse.ArgumentParser, generates: bool = True) -> None:
+    """Logging, sample grids and evaluation (of models that generate), checkpoints and the Hub."""
     out = parser.add_argument_group("logging, checkpoints and the Hub")
     out.add_argument("--logger", default="tensorboard", choices=["tensorboard", "wandb"])
     out.add_argument("--logging_dir", default="logs", help="TensorBoard logs, inside --output_dir.")
-    out.add_argument("--save_images_epochs", type=int, default=1, help="Save a sample grid every N epochs.")
     out.add_argument("--save_model_epochs", type=int, default=5, help="Save the pipeline every N epochs.")
-    out.add_argument(
-        "--eval_epochs", type=int, default=None, help="Every N epochs, score samples (FID...) against --eval_split."
-    )
-    out.add_argument("--eval_num_samples", type=int, default=1000, help="Digits generated for each evaluation.")
+    if generates:
+        out.add_argument("--save_images_epochs", type=int, default=1, help="Save a sample grid every N epochs.")
+        out.add_argument(
+            "--eval_epochs",
+            type=int,
+            default=None,
+            help="Every N epochs, score samples (FID...) against --eval_split.",
+        )
+        out.add_argument("--eval_num_samples", type=int, default=1000, help="Digits generated for each evaluation.")
     out.add_argument("--eval_split", default="test", help="The real split that evaluations compare against.")
     out.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N steps.")
     out.add_argument("--checkpoints_total_limit", type=int, default=3, help="Keep at most N checkpoints.")
@@ -135,12 +143,12 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Refuse the shared options' bad values before anything is loaded."""
     for name in ("train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
                  "save_images_epochs", "save_model_epochs", "checkpointing_steps"):  # fmt: skip
-        if getattr(args, name) < 1:
+        if getattr(args, name, 1) < 1:  # getattr: a script may not have them all
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "eval_epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.eval_num_samples < MIN_SAMPLES:
+    if getattr(args, "eval_num_samples", MIN_SAMPLES) < MIN_SAMPLES:
         parser.error(
             f"--eval_num_samples must be at least {MIN_SAMPLES} (scoring needs them), got {args.eval_num_samples}."
         )
@@ -181,7 +189,7 @@ def check_ranges(
         (non_negative, lambda v: v >= 0, "0 or more"),
         (below_one, lambda v: 0 <= v < 1, "in [0, 1)"),
     ):
-        for name in names:
+        for name in (name for name in names if hasattr(args, name)):
             if not holds(getattr(args, name)):
                 parser.error(f"--{name} must be {wanted}, got {getattr(args, name)}.")
 
@@ -260,7 +268,7 @@ def make_optimization(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=max_train_steps
     )
     ema_model = None
-    if args.use_ema:
+    if getattr(args, "use_ema", False):
         ema_model = EMAModel(
             model.parameters(),
             decay=args.ema_max_decay,
@@ -310,7 +318,9 @@ def start_run(
     state, schedule_changes = check_resume_settings(resume_path, training_args, accelerator.num_processes)
     images, labels = load_data(args, accelerator, size, labelled)
     real_features = None
-    if args.eval_epochs and accelerator.is_main_process:  # now, so that a missing split fails before training
+    if (
+        getattr(args, "eval_epochs", None) and accelerator.is_main_process
+    ):  # now, so that a missing split fails before training
         real_features = reference_features(args.dataset_name, args.eval_split, args.cache_dir)
     global_batch_size = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     steps_per_epoch = len(images) // global_batch_size
@@ -393,17 +403,15 @@ def resume(run: Run, model: torch.nn.Module, lr_scheduler: torch.optim.lr_schedu
 
 
 def save_outputs(
-    run: Run,
-    pipeline: MNISTDiffusionPipeline,
-    ema_model: EMAModel | None,
-    record: dict,
-    save_images: bool,
-    save_model: bool,
-    score: bool = False,
-    push: bool = False,
+    run: Run, pipeline: MNISTDiffusionPipeline, ema_model: EMAModel | None, record: dict, end: bool
 ) -> None:
-    """With the EMA weights: a sample grid, scores against the real features, the pipeline, a Hub upload."""
-    args, accelerator, unet = run.args, run.accelerator, pipeline.unet
+    """With the EMA weights: a sample grid, scores against the real features, the pipeline, a Hub upload, each at the
+    end of the run (`end`) and every so many epochs as the options say."""
+    args, accelerator, unet, epoch = run.args, run.accelerator, pipeline.unet, record["epoch"]
+    save_images = end or epoch % args.save_images_epochs == 0
+    save_model = end or epoch % args.save_model_epochs == 0
+    score = end or bool(args.eval_epochs) and epoch % args.eval_epochs == 0
+    pipeline.set_progress_bar_config(disable=True)
     card_results = {
         "training_steps": record["step"],
         "training_minutes": round(record["train_minutes"], 1),
@@ -449,7 +457,7 @@ def save_outputs(
             logger.info(f"Step {record['step']}: FID {results['fid']:.2f} on {len(digits)} samples")
         if save_model:
             save_pipeline(pipeline, args.output_dir, training_args=run.training_args, results=card_results)
-        if push and run.repo_id is not None:
+        if end and run.repo_id is not None:
             push_pipeline(
                 pipeline,
                 run.repo_id,
@@ -459,6 +467,11 @@ def save_outputs(
                 commit_message="End of training",
             )
         unet.train()
+    if end:
+        print(
+            f"Saved the pipeline to {args.output_dir} after {record['step']} steps ({record['train_minutes']:.1f} "
+            "minutes of training)."
+        )
 
 
 def check_finite(run: Run, model: torch.nn.Module, step: int, loss: float, saving: bool) -> None:
@@ -486,14 +499,16 @@ def train_loop(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema_model: EMAModel | None,
-    pipeline: MNISTDiffusionPipeline,
     step_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
+    save_outputs: Callable[[dict, bool], None],
     after_update: Callable[[int], None] = lambda step: None,
     other_optimizers: tuple[torch.optim.Optimizer, ...] = (),
     project_name: str = "train_ddpm",
 ) -> None:
     """Train from the resumed step to the last: `step_loss(batch, step, micro_step)` is the loss of the micro-batch
-    of image indices `batch`, and `after_update(step)` runs after each update (its EMA too), before any saving.
+    of image indices `batch`, `after_update(step)` runs after each update (its EMA too), before any saving, and
+    `save_outputs(record, end)` writes what the run shows and keeps, on the main process, at each epoch's end and at
+    the end of the run (`record`: the step, the epoch and the training minutes).
 
     Everything random in a step is a function of (seed, step, micro-batch), so resuming is exact. SIGTERM or Ctrl-C
     finishes the step, checkpoints and exits 128 + the signal; a non-finite loss or weights stop the run unsaved."""
@@ -505,7 +520,6 @@ def train_loop(
             hparams = {k: v for k, v in run.training_args.items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers(project_name, config=hparams)
             os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-        pipeline.set_progress_bar_config(disable=True)
         progress_bar = tqdm(
             total=run.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
         )
@@ -555,12 +569,9 @@ def train_loop(
                 with run.clock.paused():
                     if accelerator.is_main_process:
                         with stop.interrupting():  # minutes of sampling must not keep a preempted run waiting
-                            record = {"step": global_step, "epoch": epoch, "train_minutes": run.clock.minutes()}
                             save_outputs(
-                                run, pipeline, ema_model, record, save_images=epoch % args.save_images_epochs == 0,
-                                save_model=epoch % args.save_model_epochs == 0,
-                                score=bool(args.eval_epochs) and epoch % args.eval_epochs == 0,
-                            )  # fmt: skip
+                                {"step": global_step, "epoch": epoch, "train_minutes": run.clock.minutes()}, False
+                            )
                     # Also waits for the main process: whether any process was stopped meanwhile.
                     stops = accelerator.reduce(torch.tensor(float(len(stop.received)), device=device), "sum").item()
             if global_step % args.checkpointing_steps == 0 or stops:
@@ -576,7 +587,7 @@ def train_loop(
                 accelerator.end_training()
                 raise SystemExit(128 + signum)
         progress_bar.close()
-        finish_run(run, pipeline, ema_model, stop, global_step)
+        finish_run(run, save_outputs, stop, global_step)
     finally:  # let other runs write to the folder, and signals act as usual, whether this run ended or failed
         if run.lock is not None:
             run.lock.release()
@@ -584,9 +595,7 @@ def train_loop(
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def finish_run(
-    run: Run, pipeline: MNISTDiffusionPipeline, ema_model: EMAModel | None, stop: "StopSignals", global_step: int
-) -> None:
+def finish_run(run: Run, save_outputs: Callable[[dict, bool], None], stop: "StopSignals", global_step: int) -> None:
     """The end of a run: checkpoint the last step, then write the sample grid, scores, pipeline and upload, stopping
     at once on a signal (the checkpoint already holds every step)."""
     args, accelerator = run.args, run.accelerator
@@ -597,12 +606,7 @@ def finish_run(
     with stop.interrupting():  # the weights are safe: a signal stops the outputs at once
         if accelerator.is_main_process and not stop.received:
             epoch = math.ceil(global_step / run.steps_per_epoch)
-            record = {"step": global_step, "epoch": epoch, "train_minutes": minutes}
-            save_outputs(run, pipeline, ema_model, record, save_images=True, save_model=True, score=True, push=True)
-            accelerator.print(
-                f"Saved the pipeline to {args.output_dir} after {global_step} steps ({minutes:.1f} minutes of "
-                "training)."
-            )
+            save_outputs({"step": global_step, "epoch": epoch, "train_minutes": minutes}, True)
     accelerator.end_training()
     if stop.received:
         accelerator.print(

@@ -389,7 +389,7 @@ def test_sigterm_in_every_phase_of_a_run_stops_at_once_and_loses_no_step(
     flags = ["--max_train_samples", "32", "--max_train_steps", "5", "--checkpointing_steps", "3"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(*base_args(mnist_dir, tiny_unet_config, straight, *flags))
-    save_outputs, load_data = training.save_outputs, training.load_data
+    save_outputs, load_data = train_ddpm.save_outputs, training.load_data
 
     def preempted(*args, **kwargs):  # the scheduler's SIGTERM lands while this runs
         os.kill(os.getpid(), signal.SIGTERM)
@@ -397,10 +397,10 @@ def test_sigterm_in_every_phase_of_a_run_stops_at_once_and_loses_no_step(
         raise AssertionError("the stop signal was ignored")
 
     def preempted_at_step(step):
-        def outputs(run, pipeline, ema_model, record, *args, **kwargs):
+        def outputs(run, pipeline, ema_model, record, end):
             if record["step"] == step:
                 preempted()
-            save_outputs(run, pipeline, ema_model, record, *args, **kwargs)
+            save_outputs(run, pipeline, ema_model, record, end)
 
         return outputs
 
@@ -414,12 +414,12 @@ def test_sigterm_in_every_phase_of_a_run_stops_at_once_and_loses_no_step(
     monkeypatch.setattr(training, "load_data", preempted)  # start-up: nothing to lose, one line, not a traceback
     assert "Stopped by SIGTERM before the first step of training; nothing was lost" in run()
     monkeypatch.setattr(training, "load_data", load_data)
-    monkeypatch.setattr(training, "save_outputs", preempted_at_step(2))  # an epoch's grid and scores: no waiting
+    monkeypatch.setattr(train_ddpm, "save_outputs", preempted_at_step(2))  # an epoch's grid and scores: no waiting
     assert f"Stopped by SIGTERM at step 2; saved {stopped / 'checkpoint-2'}" in run()
-    monkeypatch.setattr(training, "save_outputs", preempted_at_step(5))  # the end of the run
+    monkeypatch.setattr(train_ddpm, "save_outputs", preempted_at_step(5))  # the end of the run
     out = run("--resume_from_checkpoint", "latest")
     assert "Stopped by SIGTERM while writing the end-of-run outputs; checkpoint-5 holds all 5 steps" in out
     assert not (stopped / "model_index.json").exists()
-    monkeypatch.setattr(training, "save_outputs", save_outputs)
+    monkeypatch.setattr(train_ddpm, "save_outputs", save_outputs)
     train(*base_args(mnist_dir, tiny_unet_config, stopped, *flags, "--resume_from_checkpoint", "latest"))
     assert_same_weights(straight / FINAL[0], stopped / FINAL[0])
