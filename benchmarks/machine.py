@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from pipeline.sampling import native_bf16
+from pipeline.sampling import cpu_flags, native_bf16
 
 # The CPU features that decide which kernels torch can use here (bf16 needs avx512_bf16 or amx_bf16).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -38,10 +38,7 @@ def describe(device: torch.device) -> dict:
         info["cpu"] = next(
             (line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), "cpu"
         )
-        flags = set(
-            next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-        )
-        info["cpu_flags"] = [flag for flag in CPU_FLAGS if flag in flags]
+        info["cpu_flags"] = [flag for flag in CPU_FLAGS if flag in cpu_flags()]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     # Where bf16 is not native (a CPU with AVX2 alone) torch emulates it, far slower than fp32: minutes for this matmul.

@@ -433,6 +433,7 @@ def save_outputs(
             digits = generate(
                 sampler_pipe, args.eval_batch_size, 0, args.eval_batch_size, steps, wanted, progress=False, **guidance
             )
+            os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
             image_grid(digits).save(os.path.join(args.output_dir, "samples", f"epoch_{record['epoch']:04d}.png"))
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -519,7 +520,6 @@ def train_loop(
             # Trackers take scalars and strings only.
             hparams = {k: v for k, v in run.training_args.items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers(project_name, config=hparams)
-            os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
         progress_bar = tqdm(
             total=run.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
         )

@@ -262,6 +262,22 @@ def test_bf16_on_a_cpu_that_would_emulate_it_is_warned_about(mnist_dir, tmp_path
         assert ("has no native bf16" in caplog.text) == (not native)
 
 
+def test_only_cpus_with_avx512_bf16_or_amx_default_to_bf16(monkeypatch):
+    # oneDNN calls bf16 supported on AVX512 without BF16 too, where it is emulated (4x slower than fp32).
+    from pipeline import sampling
+
+    for flags, native in (
+        ({"avx2"}, False),
+        ({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}, False),
+        ({"avx512f", "avx512_bf16"}, True),
+        ({"amx_bf16", "amx_tile"}, True),
+    ):
+        monkeypatch.setattr(sampling, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert sampling.native_bf16(torch.device("cpu")) is native
+        if not torch.cuda.is_available():
+            assert sampling.default_mixed_precision() == ("bf16" if native else "no")
+
+
 @pytest.mark.slow
 def test_output_dir_and_checkpoints_are_protected(mnist_dir, tiny_unet_config, tmp_path, capsys):
     out = tmp_path / "run"
