@@ -19,9 +19,10 @@ import torch
 from accelerate.utils import set_seed
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler
+from pipeline.captions import batch_captions, dataset_attributes
 from pipeline.checkpoint import checkpoint_step
 from pipeline.loss import DiffusionLoss
-from pipeline.model import NUM_CLASSES, caption_states, load_text_encoder
+from pipeline.model import NUM_CLASSES, load_text_encoder
 from pipeline.training import (
     add_data_arguments,
     add_output_arguments,
@@ -157,9 +158,20 @@ def main(args: argparse.Namespace) -> None:
                     labelled=args.conditioning != "none")  # fmt: skip
     null_condition = {"class_labels": torch.tensor(NUM_CLASSES, device=device)}  # the "no label" token
     if args.conditioning == "text":
-        # The encoder is frozen: every caption's states are computed once, here, not at every step.
-        captions, empty = caption_states(MNISTDiffusionPipeline(model, noise_scheduler, text_encoder, tokenizer))
-        null_condition = {"encoder_hidden_states": empty}
+        # Captions say the digit and how it is written (pipeline/captions.py), as the CLIP trained here learnt them.
+        _, levels = dataset_attributes(run.digits, run.labels)
+        labels_np = run.labels.cpu().numpy()
+        encoder = MNISTDiffusionPipeline(model, noise_scheduler, text_encoder, tokenizer)
+        null_condition = {"encoder_hidden_states": encoder.encode_prompt([""])[0]}
+        caption_states = {}  # the encoder is frozen: each caption (a few thousand in all) is encoded once
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            new = sorted(set(texts) - caption_states.keys())
+            if new:
+                with torch.no_grad():
+                    caption_states.update(zip(new, encoder.encode_prompt(new), strict=True))
+            return torch.stack([caption_states[text] for text in texts])
+
     # The guide is the model at an earlier step (0: none; a one-step run has no earlier model).
     guide_step = max(1, round(args.autoguidance_fraction * run.max_train_steps)) if args.autoguidance_fraction else 0
     guide_step = guide_step if guide_step < run.max_train_steps else 0
@@ -213,9 +225,8 @@ def main(args: argparse.Namespace) -> None:
         if args.conditioning == "class":
             condition["class_labels"] = labels[batch]
         elif args.conditioning == "text":
-            templates = torch.randint(captions.shape[1], (len(batch) * shard[1],), generator=generator, device=device)
-            template = templates[shard[0] * len(batch) : (shard[0] + 1) * len(batch)]
-            condition["encoder_hidden_states"] = captions[labels[batch], template]
+            texts = batch_captions(batch.tolist(), labels_np, levels, args.seed, step, micro_step)
+            condition["encoder_hidden_states"] = encode(texts)
         return loss_fn(model, digits[batch], generator, condition, null_condition, shard, **targets)
 
     def after_update(step: int) -> None:

@@ -6,9 +6,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo
 
+from .captions import EXAMPLE_PROMPT
 from .checkpoint import RENAMED_SETTINGS, RETIRED_SETTINGS
 from .data import looks_like_path
-from .model import EXAMPLE_PROMPT
 from .pipeline_mnist_diffusion import MODULE_NAME, MNISTDiffusionPipeline
 from .sampling import digit_cycle, generate, image_grid, with_default_sampler
 
@@ -64,7 +64,7 @@ def model_card(
     call = {
         "none": "batch_size=16",
         "class": "class_labels=[7] * 16, guidance_scale=2.0",
-        "text": f'prompt="{EXAMPLE_PROMPT.format(7)}", batch_size=16, guidance_scale=2.0',
+        "text": f'prompt="{EXAMPLE_PROMPT.format("seven")}", batch_size=16, guidance_scale=2.0',
     }[pipe.conditioning]
     condition = {
         "none": "",

@@ -1,36 +1,16 @@
-"""The one factory for the denoiser and its noise schedule, and the captions text-conditional models learn from."""
+"""The one factory for the denoiser and its noise schedule, and the text encoder text-conditional models take."""
 
 import os
 from typing import Any
 
-import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .data import looks_like_path
-from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, sample_shape
+from .pipeline_mnist_diffusion import sample_shape
 
 NUM_TRAIN_TIMESTEPS = 50
 NUM_CLASSES = 10  # class-conditional UNets get one more embedding: the "no label" token of classifier-free guidance
-# What saved sample grids, model cards and scoring ask a text model for.
-EXAMPLE_PROMPT = "a handwritten {}"
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# Varied phrasings, so a text model learns the digit rather than one sentence.
-CAPTION_TEMPLATES = (
-    "a handwritten {digit}",
-    "the digit {word}",
-    "number {digit}, written by hand",
-    "a handwritten {word}",
-    "an image of the number {word}",
-    "{digit}",
-    "a {word} drawn in white on black",
-    "the numeral {digit}",
-)
-
-
-def captions(label: int) -> list[str]:
-    """Every caption template filled in for one digit."""
-    return [t.format(digit=label, word=NUMBER_WORDS[label]) for t in CAPTION_TEMPLATES]
 
 
 def check_unet_config(config: Any) -> None:
@@ -125,10 +105,3 @@ def load_text_encoder(name_or_path: str, cache_dir: str | None = None) -> tuple[
             "takes a Hub id or a folder holding a CLIP text model and its tokenizer."
         ) from e
     return text_encoder.requires_grad_(False).eval(), tokenizer
-
-
-@torch.no_grad()
-def caption_states(pipeline: MNISTDiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder states of every caption of every digit `(10, templates, 77, D)`, and of the empty caption."""
-    states = torch.stack([pipeline.encode_prompt(captions(d)) for d in range(NUM_CLASSES)])
-    return states, pipeline.encode_prompt([""])

@@ -17,8 +17,9 @@ from huggingface_hub import constants, try_to_load_from_cache
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .captions import EXAMPLE_PROMPT, NUMBER_WORDS
 from .data import looks_like_path
-from .model import EXAMPLE_PROMPT, NUM_CLASSES
+from .model import NUM_CLASSES
 from .pipeline_mnist_diffusion import MNISTDiffusionPipeline, scales_noise
 
 # The samplers `--scheduler` offers: a diffusers class and the settings that differ from its defaults.
@@ -226,7 +227,7 @@ def generate_batch(
     condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
     if labels is not None:
         if pipe.conditioning == "text":
-            condition["prompt"] = [EXAMPLE_PROMPT.format(label) for label in labels]
+            condition["prompt"] = [EXAMPLE_PROMPT.format(NUMBER_WORDS[label]) for label in labels]
         else:
             condition["class_labels"] = labels
     output = pipe(

@@ -1,0 +1,105 @@
+"""The CLIP trained here: what its captions say, its tokenizer, and the folder train_clip.py writes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_same_weights, draw_digits
+from PIL import Image
+from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
+
+import train_clip
+from pipeline.captions import ATTRIBUTES, attribute_levels, attribute_thresholds, caption, measure
+from pipeline.clip import train_tokenizer
+from pipeline.model import load_text_encoder
+
+PHRASINGS = ("a handwritten {}", "a thin {}", "a bold {}", "a left-slanted {}", "a right-slanted {}", "a small {}",
+             "a large {}")  # fmt: skip
+
+
+def digits_as_array(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Font digits `(N, 1, 28, 28)` uint8 and their labels."""
+    images, labels = draw_digits(n, seed)
+    return np.stack([np.asarray(image) for image in images])[:, None], np.array(labels)
+
+
+def test_measurements_follow_how_a_digit_is_drawn():
+    images, _ = digits_as_array(8, seed=0)
+    x = torch.from_numpy(images).float()
+    bolder = F.max_pool2d(x, 3, stride=1, padding=1)  # every stroke a pixel wider on each side
+    # Shear: each row moves right in proportion to its height above the centre, as a right-leaning hand writes.
+    theta = torch.tensor([[1.0, 0.4, 0.0], [0.0, 1.0, 0.0]]).expand(len(x), 2, 3)
+    leaning = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), align_corners=False)
+    smaller = F.pad(F.interpolate(x, size=14, mode="bilinear"), (7, 7, 7, 7))
+    before = measure(images)
+    assert (measure(bolder)["thickness"] > before["thickness"]).all()
+    assert (measure(leaning)["slant"] > before["slant"] + 0.2).all()
+    assert (measure(smaller)["size"] < before["size"]).all()
+
+
+def test_captions_name_the_digit_and_a_random_subset_of_its_attributes():
+    rng = np.random.default_rng(0)
+    levels = {"thickness": 0, "slant": 2, "size": 2}  # thin, right-slanted, large
+    texts = [caption(7, levels, rng) for _ in range(400)]
+    assert all("seven" in t or "7" in t for t in texts)
+    for word in ("thin", "right-slanted", "large"):
+        assert 0.2 < np.mean([word in t for t in texts]) < 0.8, word
+    assert not any(word in t for t in texts for word in ("bold", "regular", "left-slanted", "upright", "small"))
+    assert {"a handwritten seven", "a seven", "a thin seven", "the number 7"} <= set(texts)
+    assert "an eight" in {caption(8, {"thickness": 1, "slant": 1, "size": 1}, rng) for _ in range(100)}
+    assert "a small seven" in {caption(7, {"size": 0}, rng) for _ in range(100)}  # the middle size goes unsaid
+
+
+def test_attribute_words_split_each_digit_in_thirds():
+    images, labels = digits_as_array(300, seed=1)
+    measured = measure(images)
+    levels = attribute_levels(measured, labels, attribute_thresholds(measured, labels))
+    for name in ATTRIBUTES:
+        for digit in np.unique(labels):
+            shares = np.bincount(levels[name][labels == digit], minlength=3) / (labels == digit).sum()
+            assert np.abs(shares - 1 / 3).max() < 0.15, (name, digit, shares)
+
+
+def test_the_tokenizer_learns_each_caption_word_as_one_token(tmp_path):
+    tokenizer = train_tokenizer(train_clip.caption_corpus(seed=0, size=2000))
+    tokenizer.save_pretrained(tmp_path)
+    for cls in (CLIPTokenizer, CLIPTokenizerFast, AutoTokenizer):
+        loaded = cls.from_pretrained(tmp_path)
+        for phrasing in PHRASINGS:
+            text = phrasing.format("seven")
+            tokens = loaded.convert_ids_to_tokens(loaded(text).input_ids)
+            words = text.replace("-", " - ").split()
+            assert tokens == ["<|startoftext|>", *(w + "</w>" for w in words), "<|endoftext|>"], tokens
+
+
+@pytest.mark.slow
+def test_train_clip_writes_a_clip_folder_that_transformers_loads_and_resumes_exactly(mnist_dir, tmp_path):
+    def run(out, *extra):
+        argv = ["--dataset_name", str(mnist_dir), "--output_dir", str(out), "--width", "16", "--layers", "1",
+                "--train_batch_size", "16", "--lr_warmup_steps", "1", "--checkpointing_steps", "2", *extra]  # fmt: skip
+        train_clip.main(train_clip.parse_args(argv))
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(straight, "--max_train_steps", "4")
+    run(resumed, "--max_train_steps", "2")
+    run(resumed, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert_same_weights(straight / "model.safetensors", resumed / "model.safetensors")
+
+    model = CLIPModel.from_pretrained(straight)
+    processor = CLIPProcessor.from_pretrained(straight)
+    digit = Image.fromarray(digits_as_array(1, seed=2)[0][0, 0])
+    inputs = processor(images=digit, text=["a thin seven", "a bold seven"], padding=True, return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 1, 28, 28)
+    assert inputs["pixel_values"].min() >= -1 and inputs["pixel_values"].max() <= 1
+    assert model(**inputs).logits_per_image.shape == (1, 2)
+    thresholds = json.loads((straight / "attributes.json").read_text())["terciles_per_digit"]
+    assert set(thresholds) == set(ATTRIBUTES) and all(len(per_digit) == 10 for per_digit in thresholds.values())
+    record = json.loads((straight / "eval.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 4 and 0 <= record["zero_shot_accuracy"] <= 1
+    # Its text tower is what text-conditional training takes.
+    text_encoder, tokenizer = load_text_encoder(str(straight))
+    assert torch.equal(text_encoder.text_model.embeddings.token_embedding.weight,
+                       model.text_model.embeddings.token_embedding.weight)  # fmt: skip
+    assert tokenizer("a large seven").input_ids == processor.tokenizer("a large seven").input_ids
