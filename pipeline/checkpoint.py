@@ -75,7 +75,7 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None, model_co
     that it and `output_dir` hold this model."""
     for component, file in (("unet", "config.json"), ("scheduler", "scheduler_config.json")):
         saved = os.path.join(output_dir, component, file)
-        if os.path.isfile(saved):
+        if component in model_config and os.path.isfile(saved):
             with open(saved) as f:
                 check_same_config(json.load(f), model_config[component], f"--output_dir {output_dir}")
     if resume_from_checkpoint is None:
@@ -101,8 +101,8 @@ def resolve_resume(output_dir: str, resume_from_checkpoint: str | None, model_co
             saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"Checkpoint {path} is incomplete or corrupt ({e}).") from e
-    for component in ("unet", "scheduler"):
-        check_same_config(saved[component], model_config[component], f"Checkpoint {path}")
+    for component, config in model_config.items():
+        check_same_config(saved.get(component, {}), config, f"Checkpoint {path}")
     return path
 
 

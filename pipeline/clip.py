@@ -1,6 +1,7 @@
 """A CLIP for handwritten digits: transformers' `CLIPModel` sized for 28x28 digits and short captions, a tokenizer
 trained on the captions, and the image-text scores that classify digits and guide sampling toward a prompt."""
 
+import json
 import os
 from collections.abc import Iterable
 
@@ -26,7 +27,16 @@ def train_tokenizer(corpus: Iterable[str]) -> CLIPTokenizer:
         show_progress=False,
     )
     tokenizer.backend_tokenizer.train_from_iterator(corpus, trainer)
-    return tokenizer
+    # The trainer learns the same merges every time but numbers the tokens in a different order in each process:
+    # number them in one order (special tokens, the alphabet sorted, then the merges), so that every process of a
+    # run, and a resumed run, has the same tokenizer.
+    learnt = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    merges = [tuple(m.split() if isinstance(m, str) else m) for m in learnt["merges"]]
+    merged = [a + b for a, b in merges]
+    specials = [tokenizer.bos_token, tokenizer.eos_token]
+    alphabet = sorted(set(learnt["vocab"]) - set(merged) - set(specials))
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*specials, *alphabet, *merged]))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
 
 
 def image_processor() -> CLIPImageProcessor:
@@ -34,6 +44,7 @@ def image_processor() -> CLIPImageProcessor:
     return CLIPImageProcessor(
         do_resize=True,
         size={"height": 28, "width": 28},
+        crop_size={"height": 28, "width": 28},
         do_center_crop=False,
         do_convert_rgb=False,
         image_mean=[0.5],

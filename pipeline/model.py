@@ -3,6 +3,7 @@
 import os
 from typing import Any
 
+import transformers
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -96,6 +97,12 @@ def create_model_and_scheduler(
 
 def load_text_encoder(name_or_path: str, cache_dir: str | None = None) -> tuple[CLIPTextModel, CLIPTokenizer]:
     """A frozen CLIP text encoder and its tokenizer, from the Hub or a folder."""
+    if looks_like_path(name_or_path) and not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"--text_encoder {name_or_path}: no such folder.")
+    verbosity = transformers.logging.get_verbosity()
+    # A whole CLIP's folder (pretrained/mnist-clip, openai/clip-vit-base-patch32) holds a vision tower too, which
+    # transformers would list key by key as unexpected.
+    transformers.logging.set_verbosity_error()
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
         text_encoder = CLIPTextModel.from_pretrained(name_or_path, cache_dir=cache_dir)
@@ -104,4 +111,6 @@ def load_text_encoder(name_or_path: str, cache_dir: str | None = None) -> tuple[
             f"Could not load the text encoder {name_or_path!r} ({str(e).splitlines()[0]}). --text_encoder "
             "takes a Hub id or a folder holding a CLIP text model and its tokenizer."
         ) from e
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return text_encoder.requires_grad_(False).eval(), tokenizer
