@@ -1,10 +1,11 @@
 """The CLIP trained here: what its captions say, its tokenizer, and the folder train_clip.py writes."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_weights, draw_digits
@@ -12,8 +13,16 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
 
 import train_clip
-from pipeline.captions import ATTRIBUTES, attribute_levels, attribute_thresholds, caption, measure
-from pipeline.clip import train_tokenizer
+from pipeline.captions import (
+    ATTRIBUTES,
+    EXAMPLE_PROMPT,
+    NUMBER_WORDS,
+    attribute_levels,
+    attribute_thresholds,
+    caption,
+    measure,
+)
+from pipeline.clip import train_tokenizer, zero_shot_accuracy
 from pipeline.model import load_text_encoder
 
 PHRASINGS = ("a handwritten {}", "a thin {}", "a bold {}", "a left-slanted {}", "a right-slanted {}", "a small {}",
@@ -76,15 +85,28 @@ def test_the_tokenizer_learns_each_caption_word_as_one_token(tmp_path):
             assert tokens == ["<|startoftext|>", *(w + "</w>" for w in words), "<|endoftext|>"], tokens
 
 
-@pytest.mark.slow
-def test_train_clip_writes_a_clip_folder_that_transformers_loads_and_resumes_exactly(mnist_dir, tmp_path):
+def test_train_clip_writes_a_clip_folder_that_transformers_loads_and_resumes_exactly(mnist_dir, tmp_path, monkeypatch):
+    uploads = []
+
+    class Repo:
+        repo_id = "someone/mnist-clip"
+
+    monkeypatch.setattr("pipeline.training.create_repo", lambda repo_id, **kwargs: Repo())
+    monkeypatch.setattr(
+        train_clip,
+        "upload_folder",
+        lambda repo_id, folder_path, **kwargs: uploads.append(sorted(os.listdir(folder_path))),
+    )
+
     def run(out, *extra):
         argv = ["--dataset_name", str(mnist_dir), "--output_dir", str(out), "--width", "16", "--layers", "1",
                 "--train_batch_size", "16", "--lr_warmup_steps", "1", "--checkpointing_steps", "2", *extra]  # fmt: skip
         train_clip.main(train_clip.parse_args(argv))
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(straight, "--max_train_steps", "4")
+    run(straight, "--max_train_steps", "4", "--push_to_hub")
+    assert uploads == [["attributes.json", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+                        "tokenizer_config.json"]]  # fmt: skip
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # as if killed after step 2
     run(resumed, "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert_same_weights(straight / "model.safetensors", resumed / "model.safetensors")
@@ -106,3 +128,22 @@ def test_train_clip_writes_a_clip_folder_that_transformers_loads_and_resumes_exa
         torch.equal(value, model.text_model.state_dict()[key]) for key, value in text_encoder.state_dict().items()
     )
     assert tokenizer("a large seven").input_ids == processor.tokenizer("a large seven").input_ids
+
+
+def test_the_shipped_clip_loads_as_any_clip_and_reads_real_digits():
+    folder = Path(__file__).parents[1] / "pretrained" / "mnist-clip"
+    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    for phrasing in PHRASINGS:  # each word of the phrasings one token of its vocabulary
+        ids = processor.tokenizer(phrasing.format("seven")).input_ids
+        assert (
+            len(ids) == len(phrasing.replace("-", " - ").split()) + 2
+            and processor.tokenizer.unk_token_id not in ids[1:-1]
+        )
+    real = np.load(Path(__file__).parent / "data" / "mnist_test_500.npz")
+    images, labels = torch.from_numpy(real["images"][:200, None]), real["labels"][:200]
+    assert zero_shot_accuracy(model, processor.tokenizer, images, labels) >= 0.95
+    digit = Image.fromarray(real["images"][0])
+    inputs = processor(
+        images=digit, text=[EXAMPLE_PROMPT.format(w) for w in NUMBER_WORDS], padding=True, return_tensors="pt"
+    )
+    assert model(**inputs).logits_per_image.argmax().item() == labels[0]
