@@ -16,6 +16,8 @@ from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
 from .card import save_pipeline
+from .clip import CLIP_GUIDANCE_SCALE
+from .data import looks_like_path
 from .pipeline_mnist_diffusion import MNISTDiffusionPipeline
 from .sampling import (
     DEFAULT_SAMPLER,
@@ -76,6 +78,30 @@ def check_sample_outputs(args: argparse.Namespace) -> None:
             writable(path)
 
 
+def load_clip_guidance(args: argparse.Namespace) -> dict | None:
+    """The pipeline's CLIP-guidance arguments from --clip_model and --clip_guidance_scale (None without a CLIP)."""
+    if args.clip_model is None:
+        return None
+    from transformers import CLIPModel, CLIPTokenizer
+
+    if args.prompt is None:
+        raise ValueError("--clip_model guides the digits toward --prompt: give one, e.g. --prompt 'a thin seven'.")
+    if looks_like_path(args.clip_model) and not os.path.isdir(args.clip_model):
+        raise FileNotFoundError(f"--clip_model {args.clip_model}: no such folder.")
+    try:
+        model, tokenizer = CLIPModel.from_pretrained(args.clip_model), CLIPTokenizer.from_pretrained(args.clip_model)
+    except OSError as e:
+        raise ValueError(
+            f"--clip_model {args.clip_model}: not a CLIP folder or Hub id ({str(e).splitlines()[0]})."
+        ) from e
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {
+        "clip_model": model.eval().to(device),
+        "clip_tokenizer": tokenizer,
+        "clip_guidance_scale": args.clip_guidance_scale,
+    }
+
+
 def sample(args: argparse.Namespace) -> None:
     """Write a grid PNG of generated digits, and optionally each digit as a PNG and all of them as an .npz."""
     check_sample_outputs(args)
@@ -92,6 +118,7 @@ def sample(args: argparse.Namespace) -> None:
             for batch in generate_batches(
                 pipe, args.num_images, args.seed, args.batch_size, steps, labels, args.prompt,
                 args.negative_prompt, args.guidance_scale, args.timesteps, num_processes=args.num_processes,
+                clip_guidance=load_clip_guidance(args),
             ):  # fmt: skip
                 batches.append(batch)
     except KeyboardInterrupt:
@@ -369,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class_labels", type=int, nargs="+", default=None, help="Digits to draw, repeated in turn.")
     s.add_argument("--prompt", default=None, help='What to draw, e.g. "a handwritten seven" (text models).')
     s.add_argument("--negative_prompt", default=None, help="What to steer away from (text models).")
+    s.add_argument(
+        "--clip_model", default=None, help="A CLIP (e.g. pretrained/mnist-clip) to guide any model toward --prompt."
+    )
+    s.add_argument(
+        "--clip_guidance_scale", type=float, default=CLIP_GUIDANCE_SCALE, help="How hard the CLIP pulls (0: not)."
+    )
     s.add_argument("--batch_size", type=positive_int, default=128)
     s.add_argument("--out", required=True, help="The grid PNG.")
     s.add_argument("--nrow", type=positive_int, default=8, help="Digits per grid row.")

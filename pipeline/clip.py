@@ -13,6 +13,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from .captions import EXAMPLE_PROMPT, NUMBER_WORDS, save_thresholds
 
 MAX_LENGTH = 24  # tokens, with the start and end tokens: the longest caption has 14
+CLIP_GUIDANCE_SCALE = 300.0  # pretrained/mnist-clip guiding pretrained/ddpm-mnist in 50 steps: docs/text.md
 
 
 def train_tokenizer(corpus: Iterable[str]) -> CLIPTokenizer:

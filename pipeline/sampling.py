@@ -218,10 +218,12 @@ def generate_batch(
     negative_prompt: str | None = None,
     guidance_scale: float = 2.0,
     timesteps: list[int] | None = None,
+    clip_guidance: dict | None = None,
     callback_on_step_end: Callable[[MNISTDiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
 ) -> np.ndarray:
     """One uint8 `(B, 28, 28)` batch: digit i from seed `seeds[i]`, asked to be `labels[i]` if given, on the
-    sampler's own grid of `num_inference_steps` or on custom `timesteps`."""
+    sampler's own grid of `num_inference_steps` or on custom `timesteps`; `clip_guidance`: the pipeline's
+    `clip_model`, `clip_tokenizer` and `clip_guidance_scale`."""
     device = pipe.device  # once: diffusers' `device` walks every module, which per seed slowed few-step batches
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
     condition = {"prompt": prompt, "negative_prompt": negative_prompt} if prompt is not None else {}
@@ -239,6 +241,7 @@ def generate_batch(
         guidance_scale=guidance_scale,
         callback_on_step_end=callback_on_step_end,
         **condition,
+        **(clip_guidance or {}),
     )
     if not np.isfinite(output.images).all():
         raise ValueError(
@@ -283,6 +286,7 @@ def generate_batches(
     progress: bool = True,
     callback_on_step_end: Callable[[MNISTDiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
     num_processes: int = 1,
+    clip_guidance: dict | None = None,
 ) -> Iterator[np.ndarray]:
     """`num_images` digits as uint8 `(B, 28, 28)` batches, in order; digit i comes from seed + i, whatever the batch
     size or the number of processes.
@@ -302,6 +306,7 @@ def generate_batches(
             negative_prompt,
             guidance_scale,
             timesteps,
+            clip_guidance,
         )
         for start in range(0, num_images, batch_size)
     )

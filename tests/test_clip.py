@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_weights, draw_digits
@@ -13,6 +14,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTokenizer, CLIPTokenizerFast
 
 import train_clip
+from pipeline import MNISTDiffusionPipeline
 from pipeline.captions import (
     ATTRIBUTES,
     EXAMPLE_PROMPT,
@@ -22,7 +24,7 @@ from pipeline.captions import (
     caption,
     measure,
 )
-from pipeline.clip import train_tokenizer, zero_shot_accuracy
+from pipeline.clip import image_embeddings, text_embeddings, train_tokenizer, zero_shot_accuracy
 from pipeline.model import load_text_encoder
 
 PHRASINGS = ("a handwritten {}", "a thin {}", "a bold {}", "a left-slanted {}", "a right-slanted {}", "a small {}",
@@ -147,3 +149,60 @@ def test_the_shipped_clip_loads_as_any_clip_and_reads_real_digits():
         images=digit, text=[EXAMPLE_PROMPT.format(w) for w in NUMBER_WORDS], padding=True, return_tensors="pt"
     )
     assert model(**inputs).logits_per_image.argmax().item() == labels[0]
+
+
+@pytest.mark.slow
+def test_clip_guidance_draws_an_unconditional_model_toward_the_prompt(tiny_pipeline):
+    root = Path(__file__).parents[1] / "pretrained"
+    pipe = MNISTDiffusionPipeline.from_pretrained(root / "ddpm-mnist")
+    pipe.set_progress_bar_config(disable=True)
+    clip = CLIPModel.from_pretrained(root / "mnist-clip").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(root / "mnist-clip")
+    prompts = [EXAMPLE_PROMPT.format(NUMBER_WORDS[d]) for d in range(10)]
+
+    def similarity(scale):
+        digits = pipe(
+            prompt=prompts, generator=[torch.Generator().manual_seed(i) for i in range(10)], num_inference_steps=8,
+            clip_model=clip, clip_tokenizer=tokenizer, clip_guidance_scale=scale, output_type="pt",
+        ).images  # fmt: skip
+        images = image_embeddings(clip, digits * 2 - 1)
+        return float((images * text_embeddings(clip, tokenizer, prompts)).sum(1).mean())
+
+    unguided = pipe(batch_size=10, generator=[torch.Generator().manual_seed(i) for i in range(10)],
+                    num_inference_steps=8, output_type="pt").images  # fmt: skip
+    assert torch.equal(unguided, pipe(prompt=prompts, generator=[torch.Generator().manual_seed(i) for i in range(10)],
+                       num_inference_steps=8, clip_model=clip, clip_tokenizer=tokenizer, output_type="pt").images)  # fmt: skip
+    assert similarity(500.0) > similarity(0.0) + 0.1
+    for kwargs, message in (
+        ({"clip_guidance_scale": -1.0}, "0 or more"),
+        ({"clip_guidance_scale": float("nan")}, "0 or more"),
+        ({"clip_tokenizer": None}, "clip_tokenizer"),
+        ({"prompt": None, "batch_size": 1}, "takes a `prompt`"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pipe(**{"prompt": "a seven", "clip_model": clip, "clip_tokenizer": tokenizer, **kwargs})
+    with pytest.raises(ValueError, match="needs a model with a text encoder"):  # a prompt without a CLIP
+        tiny_pipeline(prompt="a seven")
+
+
+def test_sample_guides_any_model_by_a_clip_from_the_command_line(tiny_pipeline, tmp_path, capsys):
+    from pipeline.cli import main
+
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    clip = str(Path(__file__).parents[1] / "pretrained" / "mnist-clip")
+    common = ["sample", "--model", str(tmp_path / "model"), "--num_images", "2", "--num_inference_steps", "3",
+              "--precision", "fp32"]  # fmt: skip
+    grids = {}
+    for scale in ("0", "500"):
+        grids[scale] = tmp_path / f"guided{scale}.png"
+        main([*common, "--prompt", "a bold seven", "--clip_model", clip, "--clip_guidance_scale", scale,
+              "--out", str(grids[scale])])  # fmt: skip
+    assert grids["0"].read_bytes() != grids["500"].read_bytes()
+    for extra, message in (
+        (["--clip_model", clip], "--clip_model guides the digits toward --prompt"),
+        (["--prompt", "a seven", "--clip_model", str(tmp_path / "nope")], "no such folder"),
+        (["--prompt", "a seven"], "needs a model with a text encoder"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, *extra, "--out", str(tmp_path / "x.png")])
+        assert message in str(exit_info.value.code)

@@ -63,6 +63,12 @@ def scales_noise(scheduler: Any) -> bool:
     return isinstance(scheduler, LCMScheduler)
 
 
+def clip_features(output: Any) -> torch.Tensor:
+    """Unit-length CLIP embeddings from `get_text_features` / `get_image_features` (a tensor, or in transformers 5 an
+    output whose `pooler_output` holds them)."""
+    return torch.nn.functional.normalize(getattr(output, "pooler_output", output).float(), dim=-1)
+
+
 class MNISTDiffusionPipeline(DDPMPipeline):
     r"""
     Pipeline that generates 28x28 grayscale digits with a DDPM trained on MNIST: unconditionally, by class label (a
@@ -235,8 +241,17 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         negative_prompt: list[str] | None,
         guidance_scale: float,
         noise_scale: float,
+        clip_guided: bool = False,
+        clip_tokenizer: Any | None = None,
+        clip_guidance_scale: float = 0.0,
     ) -> None:
         """Reject bad arguments before any work is done."""
+        if clip_guided and (prompt is None or clip_tokenizer is None or negative_prompt is not None):
+            raise ValueError(
+                "CLIP guidance takes a `prompt` and the `clip_tokenizer` of `clip_model` (no negative prompt)."
+            )
+        if not 0 <= clip_guidance_scale < float("inf"):
+            raise ValueError(f"`clip_guidance_scale` must be a finite number, 0 or more, got {clip_guidance_scale}.")
         if self.guide_unet is not None:
             keys = ("sample_size", "in_channels", "out_channels", "num_class_embeds", "cross_attention_dim")
             differ = [k for k in keys if self.unet.config.get(k) != self.guide_unet.config.get(k)]
@@ -276,7 +291,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             bad = [label for label in class_labels if not isinstance(label, int) or not 0 <= label < num_classes]
             if bad:
                 raise ValueError(f"`class_labels` must be whole numbers in 0..{num_classes - 1}, got {bad}.")
-        if (prompt is not None or negative_prompt is not None) and self.conditioning != "text":
+        if (prompt is not None or negative_prompt is not None) and self.conditioning != "text" and not clip_guided:
             raise ValueError(
                 f"A prompt needs a model with a text encoder; this one is conditioned on {self.conditioning}"
                 + (": pass `class_labels` instead." if self.conditioning == "class" else ".")
@@ -306,6 +321,35 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         unknown = set(tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` can only hold {self._callback_tensor_inputs}.")
+
+    def clip_guide(
+        self,
+        model_output: torch.Tensor,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        clip_model: Any,
+        text_embeds: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """The model output whose clean digit has moved up the gradient of the CLIP's image-text similarity by
+        `scale` times the noise variance (CLIP guidance on the predicted clean digit)."""
+        alpha_prod = self.scheduler.alphas_cumprod.to(sample.device)[t]
+        alpha, sigma = alpha_prod.sqrt(), (1 - alpha_prod).sqrt()
+        kind = self.scheduler.config.prediction_type
+        digit = {
+            "v_prediction": alpha * sample - sigma * model_output,
+            "epsilon": (sample - sigma * model_output) / alpha,
+        }
+        with torch.enable_grad():
+            digit = digit.get(kind, model_output).detach().requires_grad_(True)
+            image = clip_features(clip_model.get_image_features(pixel_values=digit.clamp(-1, 1).to(clip_model.dtype)))
+            (gradient,) = torch.autograd.grad((image * text_embeds).sum(), digit)
+        shift = scale * sigma**2 * gradient  # on the clean digit, in the output's terms below
+        if kind == "v_prediction":
+            return model_output - shift / sigma
+        if kind == "epsilon":
+            return model_output - alpha * shift / sigma
+        return model_output + shift
 
     @staticmethod
     def condition_lists(
@@ -386,6 +430,9 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
+        clip_model: Any | None = None,
+        clip_tokenizer: Any | None = None,
+        clip_guidance_scale: float = 0.0,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate digits.
@@ -412,6 +459,12 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*): called
                 after each step with the tensors named in `callback_on_step_end_tensor_inputs` ("latents", alias
                 "image", and "model_output"); it may return a dict that replaces "latents".
+            clip_model ([`CLIPModel`], *optional*), clip_tokenizer ([`CLIPTokenizer`], *optional*): a CLIP that reads
+                28x28 digits in [-1, 1] (such as `pretrained/mnist-clip`) and its tokenizer, to guide any model toward
+                `prompt` (CLIP guidance), unconditional ones included.
+            clip_guidance_scale (`float`, defaults to 0): how far each step moves the predicted clean digit up the
+                gradient of the CLIP's similarity to the prompt, weighted by the noise variance so that it fades as
+                the digit settles; 0: no CLIP guidance.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` whose first element is the list or array of images.
@@ -425,13 +478,20 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         )
         if noise_scale is None:
             noise_scale = self.default_noise_scale
+        clip_guided = clip_model is not None
         self.check_inputs(
             batch_size, num_inference_steps, timesteps, generator, output_type, callback_on_step_end_tensor_inputs,
             class_labels, prompt, negative_prompt, guidance_scale, noise_scale,
+            clip_guided, clip_tokenizer, clip_guidance_scale,
         )  # fmt: skip
 
         device = self._execution_device
         latents = self.prepare_latents(batch_size, generator, latents, device)
+        if clip_guided:  # the prompt is the CLIP's; the model itself may take none
+            text_embeds = clip_features(
+                clip_model.get_text_features(**clip_tokenizer(prompt, padding=True, return_tensors="pt").to(device))
+            )
+            prompt = prompt if self.conditioning == "text" else None
         condition, no_condition = self.prepare_conditions(batch_size, class_labels, prompt, negative_prompt, device)
         autoguide = self.guide_unet is not None and guidance_scale != 1
         cfg = not autoguide and no_condition is not None and guidance_scale != 1
@@ -464,6 +524,8 @@ class MNISTDiffusionPipeline(DDPMPipeline):
                 if autoguide and guided:
                     weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **condition).sample.float()
             model_output = conditioned if weak is None else weak + guidance_scale * (conditioned - weak)
+            if clip_guided and clip_guidance_scale:
+                model_output = self.clip_guide(model_output, latents, t, clip_model, text_embeds, clip_guidance_scale)
             if scale_draws:
                 noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=torch.float32)
                 step_kwargs["variance_noise"] = noise_scale * noise
