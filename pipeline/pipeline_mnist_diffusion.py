@@ -322,6 +322,26 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         if unknown:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` can only hold {self._callback_tensor_inputs}.")
 
+    def guided_output(
+        self, latents: torch.Tensor, t: torch.Tensor, condition: dict, no_condition: dict | None, guidance_scale: float
+    ) -> torch.Tensor:
+        """The UNet's output at `t`, float32, guided within the guidance interval: away from the guide UNet
+        (autoguidance) if there is one, else away from the unconditioned output (classifier-free guidance)."""
+        # The UNet runs in its own dtype (e.g. after `pipe.to(torch.bfloat16)`); the sampler's state stays float32,
+        # so 50 small updates do not lose precision and a seed gives the same noise in any dtype.
+        model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
+        lowest, highest = self.config.get("guidance_interval") or (0, self.scheduler.config.num_train_timesteps)
+        guided = guidance_scale != 1 and lowest <= t <= highest
+        weak = None
+        if guided and self.guide_unet is None and no_condition is not None:  # one UNet call on [cond; uncond]
+            both = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
+            conditioned, weak = self.unet(torch.cat([model_input] * 2), t, **both).sample.float().chunk(2)
+        else:
+            conditioned = self.unet(model_input, t, **condition).sample.float()
+            if guided and self.guide_unet is not None:
+                weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **condition).sample.float()
+        return conditioned if weak is None else weak + guidance_scale * (conditioned - weak)
+
     def clip_guide(
         self,
         model_output: torch.Tensor,
@@ -493,11 +513,6 @@ class MNISTDiffusionPipeline(DDPMPipeline):
             )
             prompt = prompt if self.conditioning == "text" else None
         condition, no_condition = self.prepare_conditions(batch_size, class_labels, prompt, negative_prompt, device)
-        autoguide = self.guide_unet is not None and guidance_scale != 1
-        cfg = not autoguide and no_condition is not None and guidance_scale != 1
-        lowest, highest = self.config.get("guidance_interval") or (0, self.scheduler.config.num_train_timesteps)
-        if cfg:  # one UNet call on [conditioned; unconditioned]
-            both = {k: torch.cat([condition[k], no_condition[k]]) for k in condition}
         timesteps = self.set_sampling_timesteps(num_inference_steps, timesteps, device)
         latents = latents * self.scheduler.init_noise_sigma * noise_scale
         # DDPM, DDIM and DPM-Solver++ take a generator for their noise; some samplers have no such argument.
@@ -512,18 +527,7 @@ class MNISTDiffusionPipeline(DDPMPipeline):
         for i, t in enumerate(self.progress_bar(timesteps)):
             if self.interrupt:
                 continue
-            # The UNet runs in its own dtype (e.g. after `pipe.to(torch.bfloat16)`); the sampler's state stays float32,
-            # so 50 small updates do not lose precision and a seed gives the same noise in any dtype.
-            model_input = self.scheduler.scale_model_input(latents, t).to(self.unet.dtype)
-            guided = lowest <= t <= highest
-            if cfg and guided:
-                conditioned, weak = self.unet(torch.cat([model_input] * 2), t, **both).sample.float().chunk(2)
-            else:
-                conditioned = self.unet(model_input, t, **condition).sample.float()
-                weak = None
-                if autoguide and guided:
-                    weak = self.guide_unet(model_input.to(self.guide_unet.dtype), t, **condition).sample.float()
-            model_output = conditioned if weak is None else weak + guidance_scale * (conditioned - weak)
+            model_output = self.guided_output(latents, t, condition, no_condition, guidance_scale)
             if clip_guided and clip_guidance_scale:
                 model_output = self.clip_guide(model_output, latents, t, clip_model, text_embeds, clip_guidance_scale)
             if scale_draws:
