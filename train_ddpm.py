@@ -15,11 +15,12 @@ import os
 import sys
 from functools import partial
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 
 from pipeline import MNISTDiffusionPipeline, create_model_and_scheduler
-from pipeline.captions import batch_captions, dataset_attributes
+from pipeline.captions import batch_captions, dataset_attributes, named_attributes
 from pipeline.checkpoint import checkpoint_step
 from pipeline.loss import DiffusionLoss
 from pipeline.model import NUM_CLASSES, load_text_encoder
@@ -161,6 +162,7 @@ def main(args: argparse.Namespace) -> None:
         # Captions say the digit and how it is written (pipeline/captions.py), as the CLIP trained here learnt them.
         _, levels = dataset_attributes(run.digits, run.labels)
         labels_np = run.labels.cpu().numpy()
+        written = torch.as_tensor(np.stack(list(levels.values())), device=device)  # (attributes, digits)
         encoder = MNISTDiffusionPipeline(model, noise_scheduler, text_encoder, tokenizer)
         null_condition = {"encoder_hidden_states": encoder.encode_prompt([""])[0]}
         caption_states = {}  # the encoder is frozen: each caption (a few thousand in all) is encoded once
@@ -227,6 +229,10 @@ def main(args: argparse.Namespace) -> None:
         elif args.conditioning == "text":
             texts = batch_captions(batch.tolist(), labels_np, levels, args.seed, step, micro_step)
             condition["encoder_hidden_states"] = encode(texts)
+            if args.stable_target_reference_size:  # a caption also rules out the digits written otherwise
+                asked = torch.tensor([[said.get(name, -1) for name in levels] for said in map(named_attributes, texts)],
+                                     device=device)[:, :, None]  # fmt: skip
+                targets["reference_match"] &= ((asked < 0) | (asked == written[:, picks])).all(1)
         return loss_fn(model, digits[batch], generator, condition, null_condition, shard, **targets)
 
     def after_update(step: int) -> None:

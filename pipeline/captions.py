@@ -105,6 +105,12 @@ def with_article(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 
+def named_attributes(text: str) -> dict[str, int]:
+    """The attribute levels a caption names: {"thickness": 2, "slant": 0} for "a bold, left-slanted seven"."""
+    words = set(text.replace(",", " ").split())
+    return {name: level for name, names in ATTRIBUTES.items() for level, word in enumerate(names) if word in words}
+
+
 def batch_captions(indices: list[int], labels: np.ndarray, levels: dict[str, np.ndarray], *keys: int) -> list[str]:
     """A caption for each digit at `indices`, drawn by `caption` from a seed of `keys` and the digit's index alone, so
     that a batch gets the same captions split over any number of processes."""

@@ -59,9 +59,10 @@ def create_model_and_scheduler(
         "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     }
     if conditioning == "text":
-        # The text reaches the digit through cross-attention at 14x14 and 7x7.
-        config["down_block_types"] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-        config["up_block_types"] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+        # The text reaches the digit through cross-attention at 7x7, where the unconditional UNet attends: at 14x14
+        # too a step costs 1.5x more (experiments/LOG.md).
+        config["down_block_types"] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+        config["up_block_types"] = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
         config["attention_head_dim"] = 8
     if model_config_name_or_path is not None:
         if looks_like_path(str(model_config_name_or_path)) and not os.path.exists(model_config_name_or_path):

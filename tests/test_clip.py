@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipeline.captions import (
     attribute_thresholds,
     caption,
     measure,
+    named_attributes,
 )
 from pipeline.clip import image_embeddings, text_embeddings, train_tokenizer, zero_shot_accuracy
 from pipeline.model import load_text_encoder
@@ -62,6 +64,10 @@ def test_captions_name_the_digit_and_a_random_subset_of_its_attributes():
     assert {"a handwritten seven", "a seven", "a thin seven", "the number 7"} <= set(texts)
     assert "an eight" in {caption(8, {"thickness": 1, "slant": 1, "size": 1}, rng) for _ in range(100)}
     assert "a small seven" in {caption(7, {"size": 0}, rng) for _ in range(100)}  # the middle size goes unsaid
+    # What a caption says can be read back (stable targets match reference digits by it): a subset of the levels.
+    said = [named_attributes(t) for t in texts]
+    assert all(s.items() <= levels.items() for s in said) and {"thickness": 0, "slant": 2, "size": 2} in said
+    assert named_attributes("the digit 3, regular, upright and small") == {"thickness": 1, "slant": 1, "size": 0}
 
 
 def test_attribute_words_split_each_digit_in_thirds():
@@ -206,3 +212,27 @@ def test_sample_guides_any_model_by_a_clip_from_the_command_line(tiny_pipeline, 
         with pytest.raises(SystemExit) as exit_info:
             main([*common, *extra, "--out", str(tmp_path / "x.png")])
         assert message in str(exit_info.value.code)
+
+
+@pytest.mark.slow
+def test_text_benchmark_prompts_a_model_and_scores_attribute_control(tiny_pipeline, mnist_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MNIST_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import text
+
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    argv = ["text.py", "--model", str(tmp_path / "model"), "--clip", str(Path(__file__).parents[1] / "pretrained" /
+            "mnist-clip"), "--dataset_name", str(mnist_dir), "--clip_guidance_scales", "0", "300", "--num_samples",
+            "10", "--attribute_pairs", "1", "--num_inference_steps", "2", "--out", str(tmp_path / "t.json")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    text.main()
+    rows = json.loads((tmp_path / "t.json").read_text())["results"]
+    assert [row["clip_guidance_scale"] for row in rows] == [0, 300]
+    for row in rows:
+        assert len(row["label_accuracy_per_digit"]) == 10 and row["fid"] > 0 and row["seconds_per_digit"] > 0
+        assert set(row["attribute_control"]) == set(ATTRIBUTES)
+        assert all(0 <= v <= 1 for scores in row["attribute_control"].values() for v in scores.values())
+    assert (
+        rows[0]["label_accuracy_per_digit"] != rows[1]["label_accuracy_per_digit"] or rows[0]["fid"] != rows[1]["fid"]
+    )
+    assert Image.open(tmp_path / "t.png").size == (2 * (10 * 30 + 2), 2 * (7 * 30 + 2))  # 10 digits by 7 phrasings
