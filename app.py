@@ -6,6 +6,9 @@
     python app.py --model pretrained/ddpm-mnist-cond --model user/ddpm-mnist     # other folders or Hub ids
     MNIST_DIFFUSION_MODELS=pretrained/ddpm-mnist,user/ddpm-mnist python app.py  # the same, for a Space
 
+A prompt goes to a text model's own text encoder; models without one follow it by CLIP guidance, with
+pretrained/mnist-clip (or `--clip_model`, MNIST_DIFFUSION_CLIP).
+
 Digits come from `pipeline.sampling.generate_batches`, as `mnist-diffusion sample` draws them: the same model,
 sampler, steps, seed and digit give the same pixels.
 """
@@ -21,6 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import MNISTDiffusionPipeline, image_grid  # noqa: E402
+from pipeline.clip import CLIP_GUIDANCE_SCALE, load_clip  # noqa: E402
 from pipeline.sampling import (  # noqa: E402
     SCHEDULERS,
     default_sampler,
@@ -55,6 +59,12 @@ def default_models() -> list[str]:
     )
 
 
+def default_clip() -> str | None:
+    """The CLIP that guides models without a text encoder: MNIST_DIFFUSION_CLIP, else pretrained/mnist-clip if here."""
+    shipped = os.path.join(ROOT, "pretrained", "mnist-clip")
+    return os.environ.get("MNIST_DIFFUSION_CLIP") or (shipped if os.path.isdir(shipped) else None)
+
+
 def model_name(model: str) -> str:
     """What the page calls a model: a folder's name, or a Hub id."""
     return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
@@ -66,8 +76,9 @@ def takes_guidance(pipe: MNISTDiffusionPipeline) -> bool:
 
 
 def check_request(
-    pipe: MNISTDiffusionPipeline, name: str, digit: str, prompt: str, num_images, steps, guidance_scale, seed
-) -> None:
+    pipe: MNISTDiffusionPipeline, name: str, digit: str, prompt: str, num_images, steps, guidance_scale, seed,
+    clip_guidance_scale, clip: bool,
+) -> None:  # fmt: skip
     """Refuse what the page or the API was given, with a message that says what to change."""
     if num_images is None or num_images != int(num_images) or not 1 <= num_images <= MAX_DIGITS:
         raise gr.Error(
@@ -81,29 +92,40 @@ def check_request(
         raise gr.Error(f"The guidance scale must be at least 1 (1 means no guidance), got {guidance_scale}.")
     if seed is None or seed != int(seed) or not 0 <= seed < 2**63 - MAX_DIGITS:
         raise gr.Error(f"The seed must be a whole number from 0 to 2**63 - {MAX_DIGITS + 1} (got {seed}).")
-    if prompt and pipe.conditioning != "text":
+    if prompt and pipe.conditioning != "text" and not clip:
         hint = "pick the digit instead" if pipe.conditioning == "class" else "pick a model with a text encoder"
         raise gr.Error(f"{name} has no text encoder, so it cannot follow a prompt: {hint}.")
+    if clip_guidance_scale is None or not 0 <= clip_guidance_scale < float("inf"):
+        raise gr.Error(f"The CLIP guidance scale must be a number, 0 or more (0: none), got {clip_guidance_scale}.")
     if digit not in (ANY, *map(str, range(10))):
         raise gr.Error(f"The digit must be 0 to 9 or '{ANY}', got {digit!r}.")
     if digit != ANY and pipe.conditioning == "none":
         raise gr.Error(f"{name} is unconditional: it draws any digit. Choose '{ANY}', or a class-conditional model.")
 
 
-def build_demo(models: list[str]) -> gr.Blocks:
-    """The page: the settings on the left, the digits and their denoising on the right."""
+def build_demo(models: list[str], clip_model: str | None = None) -> gr.Blocks:
+    """The page: the settings on the left, the digits and their denoising on the right; `clip_model` guides the
+    models without a text encoder toward a prompt."""
     pipelines = {model_name(model): load_pipeline(model) for model in models}  # loads (and checks) them all now
     if not pipelines:
         raise ValueError("No pipelines to serve: pass --model FOLDER_OR_HUB_ID, or train one into pretrained/.")
+    clip = load_clip(clip_model) if clip_model else None
 
-    def generate(name, digit, prompt, num_images, scheduler, steps, guidance_scale, seed, progress=PROGRESS):
+    def follows_prompts(name: str) -> bool:
+        return pipelines[name].conditioning == "text" or clip is not None
+
+    def generate(
+        name, digit, prompt, num_images, scheduler, steps, guidance_scale, clip_guidance_scale, seed, progress=PROGRESS
+    ):
         """The digits' grid and the denoising of the first few, one row per digit and one column per step."""
         if name not in pipelines:
             raise gr.Error(f"No model {name!r} here; choose one of {list(pipelines)}.")
         if scheduler not in SCHEDULERS:
             raise gr.Error(f"No sampler {scheduler!r}; choose one of {list(SCHEDULERS)}.")
         pipe = pipelines[name]
-        check_request(pipe, name, digit, prompt, num_images, steps, guidance_scale, seed)
+        check_request(
+            pipe, name, digit, prompt, num_images, steps, guidance_scale, seed, clip_guidance_scale, clip is not None
+        )
         num_images, steps, seed = int(num_images), int(steps), int(seed)
         # A pipeline of its own per request: the loaded one's scheduler is never swapped under another request.
         pipe = with_sampler(pipe, scheduler)
@@ -119,11 +141,14 @@ def build_demo(models: list[str]) -> gr.Blocks:
             return {}
 
         labels = None if digit == ANY else np.full(num_images, int(digit))
+        guided = None
+        if prompt and pipe.conditioning != "text":
+            guided = {"clip_model": clip[0], "clip_tokenizer": clip[1], "clip_guidance_scale": clip_guidance_scale}
         try:
             with sampling_precision(pipe.device):
                 digits = next(generate_batches(
                     pipe, num_images, seed, num_images, steps, labels, prompt or None, None, guidance_scale,
-                    progress=False, callback_on_step_end=keep,
+                    progress=False, callback_on_step_end=keep, clip_guidance=guided,
                 ))  # fmt: skip
         except ValueError as e:  # the pipeline's own refusals, e.g. a DDIM step count that misses pure noise
             raise gr.Error(str(e)) from e
@@ -139,8 +164,9 @@ def build_demo(models: list[str]) -> gr.Blocks:
         sampler, steps = default_sampler(pipelines[name])
         return (
             gr.update(visible=conditioning == "class", value=ANY),
-            gr.update(visible=conditioning == "text", value=""),
+            gr.update(visible=follows_prompts(name), value=""),
             gr.update(visible=takes_guidance(pipelines[name])),
+            gr.update(visible=conditioning != "text" and clip is not None),
             gr.update(value=sampler),
             gr.update(value=steps),
         )
@@ -162,7 +188,7 @@ def build_demo(models: list[str]) -> gr.Blocks:
                     [ANY, *map(str, range(10))], value=ANY, label="Digit", elem_id="digit", visible=first == "class"
                 )
                 prompt = gr.Textbox(
-                    label="Prompt", placeholder="a handwritten seven", elem_id="prompt", visible=first == "text"
+                    label="Prompt", placeholder="a bold seven", elem_id="prompt", visible=follows_prompts(names[0])
                 )
                 num_images = gr.Number(16, label=f"Digits (1 to {MAX_DIGITS})", precision=0, elem_id="num_images")
                 scheduler = gr.Dropdown(list(SCHEDULERS), value=first_sampler, label="Sampler", elem_id="sampler")
@@ -173,6 +199,12 @@ def build_demo(models: list[str]) -> gr.Blocks:
                     elem_id="guidance",
                     visible=takes_guidance(pipelines[names[0]]),
                 )
+                clip_guidance = gr.Number(
+                    CLIP_GUIDANCE_SCALE,
+                    label="CLIP guidance scale, for the prompt (50 steps follow it best)",
+                    elem_id="clip_guidance",
+                    visible=first != "text" and clip is not None,
+                )
                 seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -181,10 +213,10 @@ def build_demo(models: list[str]) -> gr.Blocks:
                     label="Denoising: a row per digit, from the first step to the last", format="png", interactive=False,
                     elem_id="process",
                 )  # fmt: skip
-        model.change(show_controls, model, [digit, prompt, guidance, scheduler, steps], api_name=False)
+        model.change(show_controls, model, [digit, prompt, guidance, clip_guidance, scheduler, steps], api_name=False)
         button.click(
             generate,
-            [model, digit, prompt, num_images, scheduler, steps, guidance, seed],
+            [model, digit, prompt, num_images, scheduler, steps, guidance, clip_guidance, seed],
             [digits, process],
             api_name="generate",
             concurrency_limit=CONCURRENCY_LIMIT,
@@ -192,7 +224,7 @@ def build_demo(models: list[str]) -> gr.Blocks:
     return demo.queue(max_size=QUEUE_SIZE)
 
 
-demo = build_demo(default_models())
+demo = build_demo(default_models(), default_clip())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,6 +236,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="A pipeline folder or Hub id, repeatable; default: MNIST_DIFFUSION_MODELS, else pretrained/*.",
     )
+    parser.add_argument(
+        "--clip_model",
+        default=None,
+        help="A CLIP to guide models without a text encoder; default: MNIST_DIFFUSION_CLIP, else pretrained/mnist-clip.",
+    )
     parser.add_argument("--server_name", default=None, help="Default: GRADIO_SERVER_NAME, else 127.0.0.1.")
     parser.add_argument("--server_port", type=int, default=None, help="Default: GRADIO_SERVER_PORT, else 7860.")
     return parser.parse_args(argv)
@@ -213,7 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     """Serve `demo` (or one built from --model) until interrupted."""
     args = parse_args(argv)
     try:
-        app = build_demo(args.model) if args.model else demo
+        app = (
+            build_demo(args.model or default_models(), args.clip_model or default_clip())
+            if args.model or args.clip_model
+            else demo
+        )
     except (ValueError, OSError) as e:  # a folder or Hub id that is not a pipeline: one line, not a traceback
         sys.exit(f"app.py: error: {e}")
     app.launch(server_name=args.server_name, server_port=args.server_port, theme=THEME, share=False)

@@ -16,8 +16,7 @@ from diffusers.configuration_utils import FrozenDict
 from PIL import Image
 
 from .card import save_pipeline
-from .clip import CLIP_GUIDANCE_SCALE
-from .data import looks_like_path
+from .clip import CLIP_GUIDANCE_SCALE, load_clip
 from .pipeline_mnist_diffusion import MNISTDiffusionPipeline
 from .sampling import (
     DEFAULT_SAMPLER,
@@ -82,21 +81,11 @@ def load_clip_guidance(args: argparse.Namespace) -> dict | None:
     """The pipeline's CLIP-guidance arguments from --clip_model and --clip_guidance_scale (None without a CLIP)."""
     if args.clip_model is None:
         return None
-    from transformers import CLIPModel, CLIPTokenizer
-
     if args.prompt is None:
         raise ValueError("--clip_model guides the digits toward --prompt: give one, e.g. --prompt 'a thin seven'.")
-    if looks_like_path(args.clip_model) and not os.path.isdir(args.clip_model):
-        raise FileNotFoundError(f"--clip_model {args.clip_model}: no such folder.")
-    try:
-        model, tokenizer = CLIPModel.from_pretrained(args.clip_model), CLIPTokenizer.from_pretrained(args.clip_model)
-    except OSError as e:
-        raise ValueError(
-            f"--clip_model {args.clip_model}: not a CLIP folder or Hub id ({str(e).splitlines()[0]})."
-        ) from e
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_clip(args.clip_model)
     return {
-        "clip_model": model.eval().to(device),
+        "clip_model": model,
         "clip_tokenizer": tokenizer,
         "clip_guidance_scale": args.clip_guidance_scale,
     }

@@ -11,6 +11,7 @@ from tokenizers import pre_tokenizers, trainers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from .captions import EXAMPLE_PROMPT, NUMBER_WORDS, save_thresholds
+from .data import looks_like_path
 
 MAX_LENGTH = 24  # tokens, with the start and end tokens: the longest caption has 14
 CLIP_GUIDANCE_SCALE = 300.0  # pretrained/mnist-clip guiding pretrained/ddpm-mnist in 50 steps: docs/text.md
@@ -113,3 +114,14 @@ def save_clip(model: CLIPModel, tokenizer: CLIPTokenizer, thresholds: dict, fold
     model.save_pretrained(folder)
     processor(tokenizer).save_pretrained(folder)
     save_thresholds(thresholds, folder)
+
+
+def load_clip(name_or_path: str, flag: str = "--clip_model") -> tuple[CLIPModel, CLIPTokenizer]:
+    """A CLIP and its tokenizer (a folder or Hub id) to guide sampling, in eval mode; bad input is one line."""
+    if looks_like_path(name_or_path) and not os.path.isdir(name_or_path):
+        raise FileNotFoundError(f"{flag} {name_or_path}: no such folder.")
+    try:
+        model, tokenizer = CLIPModel.from_pretrained(name_or_path), CLIPTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise ValueError(f"{flag} {name_or_path}: not a CLIP folder or Hub id ({str(e).splitlines()[0]}).") from e
+    return model.eval().to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer

@@ -61,13 +61,15 @@ def page(url):
     assert not outside, f"The page reached outside this machine: {outside}"
 
 
-def sample_with_cli(tmp_path: Path, model: str, digit: str, num_images: int, steps: int, seed: int) -> np.ndarray:
-    """The digits `mnist-diffusion sample` draws for those settings."""
+def sample_with_cli(
+    tmp_path: Path, model: str, digit: str, num_images: int, steps: int, seed: int, *extra: str
+) -> np.ndarray:
+    """The digits `mnist-diffusion sample` draws for those settings (and `extra` flags)."""
     npz = tmp_path / f"{model}-{digit}-{seed}.npz"
     labels = [] if digit == app.ANY else ["--class_labels", digit]
     cli.main([
         "sample", "--model", str(Path(app.ROOT) / "pretrained" / model), "--num_images", str(num_images),
-        "--seed", str(seed), "--num_inference_steps", str(steps), *labels, "--out", str(tmp_path / "grid.png"),
+        "--seed", str(seed), "--num_inference_steps", str(steps), *labels, *extra, "--out", str(tmp_path / "grid.png"),
         "--npz", str(npz),
     ])  # fmt: skip
     return np.load(npz)["images"]
@@ -82,6 +84,17 @@ def pick(page, elem_id: str, option: str) -> None:
 def fill(page, elem_id: str, value) -> None:
     """Type into a Gradio number or text box."""
     page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+
+
+def generate(page) -> np.ndarray:
+    """Click Generate and wait for new digits: the grid's pixels."""
+    image = page.locator("#digits img")
+    before = image.get_attribute("src") if image.count() else None  # an earlier test's digits may be showing
+    page.locator("#generate").click()
+    expect(image).to_have_attribute("src", re.compile(".+"), timeout=30_000)
+    if before is not None:
+        expect(image).not_to_have_attribute("src", before, timeout=30_000)
+    return np.asarray(Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body())).convert("L"))
 
 
 @pytest.mark.slow
@@ -113,17 +126,24 @@ def test_browser_gives_a_distilled_model_its_own_sampler_and_steps(page, tmp_pat
     expect(page.locator("#steps input")).to_have_value(str(steps))
     fill(page, "num_images", 8)
     fill(page, "seed", 3)
-    image = page.locator("#digits img")
-    before = image.get_attribute("src") if image.count() else None  # an earlier test's digits may be showing
-    page.locator("#generate").click()
-    expect(image).to_have_attribute("src", re.compile(".+"), timeout=30_000)
-    if before is not None:
-        expect(image).not_to_have_attribute("src", before, timeout=30_000)
-    shown = np.asarray(Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body())).convert("L"))
+    shown = generate(page)
     npz = tmp_path / "fast.npz"
     cli.main(["sample", "--model", str(fast), "--num_images", "8", "--seed", "3", "--out", str(tmp_path / "g.png"),
               "--npz", str(npz)])  # fmt: skip
     np.testing.assert_array_equal(shown, np.asarray(image_grid(np.load(npz)["images"], nrow=8, scale=3)))
+
+
+@pytest.mark.slow
+def test_browser_draws_from_a_prompt_what_the_cli_draws(page, tmp_path):
+    pick(page, "model", "ddpm-mnist-text")
+    expect(page.locator("#digit")).to_be_hidden()
+    expect(page.locator("#clip_guidance")).to_be_hidden()  # a text model reads the prompt itself
+    fill(page, "prompt", "a bold, right-slanted seven")
+    fill(page, "num_images", 8)
+    fill(page, "seed", 4)
+    shown = generate(page)
+    digits = sample_with_cli(tmp_path, "ddpm-mnist-text", app.ANY, 8, 20, 4, "--prompt", "a bold, right-slanted seven")
+    np.testing.assert_array_equal(shown, np.asarray(image_grid(digits, nrow=8, scale=3)))
 
 
 @pytest.mark.slow
@@ -143,7 +163,8 @@ def client(url):
 def call(client: Client, model: str, digit: str, num_images: int, steps: int, seed: int, **changes):
     """The `/generate` endpoint with the page's defaults for the rest; returns the two pictures' files."""
     inputs = {"name": model, "digit": digit, "prompt": "", "num_images": num_images, "scheduler": "dpm++sde",
-              "steps": steps, "guidance_scale": 2.0, "seed": seed, **changes}  # fmt: skip
+              "steps": steps, "guidance_scale": 2.0, "clip_guidance_scale": app.CLIP_GUIDANCE_SCALE, "seed": seed,
+              **changes}  # fmt: skip
     return client.submit(*inputs.values(), api_name="/generate")
 
 
@@ -184,13 +205,34 @@ def test_the_denoising_picture_shows_every_step_and_ends_at_each_digit(client, m
         ({"num_images": 10_000}, f"Ask for 1 to {app.MAX_DIGITS} digits (got 10000)"),
         ({"steps": 51}, "Steps go from 1 to 50"),
         ({"guidance_scale": 0.5}, "guidance scale must be at least 1"),
-        ({"prompt": "a handwritten seven"}, "ddpm-mnist-cond has no text encoder"),
+        ({"prompt": "a seven", "clip_guidance_scale": -1}, "The CLIP guidance scale must be a number, 0 or more"),
         ({"name": "ddpm-mnist"}, "ddpm-mnist is unconditional"),
     ],
 )
 def test_api_refuses_bad_input_with_a_message(client, changes, message):
     with pytest.raises(AppError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call(client, **{**REQUEST, "num_images": 2, **changes}).result(timeout=60)
+
+
+def test_a_prompt_needs_a_text_encoder_or_a_clip():
+    cond = app.load_pipeline(str(Path(app.ROOT) / "pretrained" / "ddpm-mnist-cond"))
+    request = {"name": "ddpm-mnist-cond", "digit": app.ANY, "prompt": "a seven", "num_images": 1, "steps": 20,
+               "guidance_scale": 2, "seed": 0, "clip_guidance_scale": 300}  # fmt: skip
+    app.check_request(cond, **request, clip=True)
+    with pytest.raises(app.gr.Error, match="ddpm-mnist-cond has no text encoder"):
+        app.check_request(cond, **request, clip=False)
+
+
+@pytest.mark.slow
+def test_api_guides_a_model_without_text_by_the_clip_as_the_cli_does(client, tmp_path):
+    settings = ("ddpm-mnist", app.ANY, 4, 10, 2)  # model, digit, digits, steps, seed
+    grid, _ = call(client, *settings, prompt="a bold seven", clip_guidance_scale=500).result(timeout=60)
+    clip = str(Path(app.ROOT) / "pretrained" / "mnist-clip")
+    expected = sample_with_cli(tmp_path, *settings, "--prompt", "a bold seven", "--clip_model", clip,
+                               "--clip_guidance_scale", "500")  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(Image.open(grid).convert("L")), np.asarray(image_grid(expected, 4, 3)))
+    unguided, _ = call(client, *settings).result(timeout=60)
+    assert not np.array_equal(np.asarray(Image.open(grid)), np.asarray(Image.open(unguided)))
 
 
 @pytest.mark.slow
