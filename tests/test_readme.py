@@ -19,10 +19,10 @@ def test_readme_python_examples_run(tmp_path, tiny_clip, monkeypatch):
     folders = {
         "pretrained/ddpm-mnist": (UNet2DModel(**TINY_UNET), None, None),
         "pretrained/ddpm-mnist-cond": (UNet2DModel(**TINY_UNET, num_class_embeds=11), None, None),
-        "ddpm-mnist-text": (
+        "pretrained/ddpm-mnist-text": (
             UNet2DConditionModel(
-                **{**TINY_UNET, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                   "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]},
+                **{**TINY_UNET, "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+                   "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]},
                 cross_attention_dim=32,
             ),
             CLIPTextModel.from_pretrained(tiny_clip),
