@@ -36,7 +36,6 @@ from pipeline.captions import (
     measure,
     with_article,
 )
-from pipeline.classifier import classify, load_classifier
 from pipeline.clip import image_embeddings, text_embeddings, zero_shot_accuracy
 from pipeline.data import load_images
 from pipeline.evaluate import evaluate_digits, reference_features
@@ -111,12 +110,8 @@ def prompt_scores(
                              **kwargs)  # fmt: skip
     seconds = (time.perf_counter() - start) / num_samples
     scores = evaluate_digits(digits, real, labels)
-    predicted = classify(load_classifier(), torch.from_numpy(digits))[1].argmax(1).numpy()
-    row = {
-        "seconds_per_digit": seconds,
-        **{k: scores[k] for k in ("label_accuracy", "fid", "precision", "recall")},
-        "label_accuracy_per_digit": [float((predicted[labels == d] == d).mean()) for d in range(len(NUMBER_WORDS))],
-    }
+    keys = ("label_accuracy", "fid", "precision", "recall", "label_accuracy_per_digit")
+    row = {"seconds_per_digit": seconds, **{k: scores[k] for k in keys}}
     print(f"the digit asked for {scores['label_accuracy']:.1%} (lowest {min(row['label_accuracy_per_digit']):.1%}), "
           f"FID {scores['fid']:.2f}, {seconds:.3f} s a digit")  # fmt: skip
     if pairs_per_digit:

@@ -12,6 +12,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from .captions import EXAMPLE_PROMPT, NUMBER_WORDS, save_thresholds
 from .data import looks_like_path
+from .pipeline_mnist_diffusion import clip_features
 
 MAX_LENGTH = 24  # tokens, with the start and end tokens: the longest caption has 14
 CLIP_GUIDANCE_SCALE = 300.0  # pretrained/mnist-clip guiding pretrained/ddpm-mnist in 50 steps: docs/text.md
@@ -88,12 +89,12 @@ def processor(tokenizer: CLIPTokenizer) -> CLIPProcessor:
 def text_embeddings(model: CLIPModel, tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     """Unit-length text embeddings of `prompts`."""
     tokens = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="pt").to(model.device)
-    return torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+    return clip_features(model.get_text_features(**tokens))
 
 
 def image_embeddings(model: CLIPModel, digits: torch.Tensor) -> torch.Tensor:
     """Unit-length image embeddings of digits `(N, 1, 28, 28)` in [-1, 1] (differentiable, for guidance)."""
-    return torch.nn.functional.normalize(model.get_image_features(pixel_values=digits).pooler_output, dim=-1)
+    return clip_features(model.get_image_features(pixel_values=digits))
 
 
 @torch.no_grad()

@@ -110,7 +110,9 @@ def evaluate_digits(
         **class_statistics(probs),
     }
     if labels is not None:
-        results["label_accuracy"] = float((probs.argmax(1) == labels).mean())
+        right = probs.argmax(1) == labels
+        results["label_accuracy"] = float(right.mean())
+        results["label_accuracy_per_digit"] = [float(right[labels == d].mean()) for d in np.unique(labels)]
     return results
 
 

@@ -60,7 +60,7 @@ def create_model_and_scheduler(
     }
     if conditioning == "text":
         # The text reaches the digit through cross-attention at 7x7, where the unconditional UNet attends: at 14x14
-        # too a step costs 1.5x more (experiments/LOG.md).
+        # too a step costs far more for no need (docs/recipe.md).
         config["down_block_types"] = ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
         config["up_block_types"] = ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
         config["attention_head_dim"] = 8
